@@ -1,0 +1,32 @@
+"""attnshare: share attention across layers and heads of pretrained Hugging Face language models.
+
+Public API (imported lazily, so ``import attnshare`` is cheap and has no side effects)::
+
+    model, tok = attnshare.load_model("smollm2-135m")
+    result = attnshare.perplexity(model, tok)
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_API = {
+    "load_model": "attnshare.models",
+    "model_identity": "attnshare.models",
+    "perplexity": "attnshare.evaluate.perplexity",
+    "PerplexityConfig": "attnshare.evaluate.perplexity",
+    "evaluate": "attnshare.evaluate.suite",
+    "EvalConfig": "attnshare.evaluate.suite",
+    "AttnshareError": "attnshare.errors",
+    "load_text": "attnshare.data",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'attnshare' has no attribute {name!r}")

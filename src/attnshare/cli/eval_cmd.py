@@ -1,0 +1,32 @@
+"""attnshare eval: perplexity and offline zero-shot proxies of a base model or an artifact."""
+
+from __future__ import annotations
+
+from ..config import add_dataclass_args, dataclass_from_args
+from ..evaluate.suite import EvalConfig
+from .common import add_model_args, load_from_args, print_table, write_json
+
+
+def add_parser(sub, name: str) -> None:
+    p = sub.add_parser(
+        name,
+        help="perplexity and zero-shot proxies",
+        epilog="examples:\n  attnshare eval --model smollm2-135m --text britannica\n"
+        "  attnshare eval --model out/sa --text hamlet --proxy-items 100 --json out/sa/eval.json",
+        formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+    )
+    add_model_args(p)
+    add_dataclass_args(p, EvalConfig)
+    p.add_argument("--json", default="eval.json", help="where to write the results (default: eval.json)")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ..evaluate.suite import evaluate
+
+    config = dataclass_from_args(EvalConfig, args)
+    model, tokenizer = load_from_args(args)
+    result = evaluate(model, tokenizer, config)
+    print_table([result.summary()])
+    write_json(args.json, {"model": args.model, **result.to_dict()})
+    return 0
