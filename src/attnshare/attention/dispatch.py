@@ -1,0 +1,109 @@
+"""Registered attention functions ``attnshare_sdpa`` / ``attnshare_eager``.
+
+Each delegates to the base implementation (HF's SDPA function, or our eager one) unless the attention module
+carries an ``attnshare_hook``; the hook then computes the output *and* publishes what later layers reuse. The
+matching mask function is registered too (without it HF would silently build no causal mask).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ..errors import AttnshareError
+from .context import DonorState, ShareContext
+from .functional import attention_scores, eager_attention, softmax_probs
+
+PREFIX = "attnshare_"
+BASES = ("sdpa", "eager")
+HOOK = "attnshare_hook"
+
+
+def base_function(base: str) -> Callable:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return eager_attention if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
+
+
+def _dispatcher(base: str) -> Callable:
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        fn = base_function(base)
+        hook = getattr(module, HOOK, None)
+        if hook is None:
+            return fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return hook(module, fn, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    attention.__name__ = f"{PREFIX}{base}"
+    return attention
+
+
+def register(base: str) -> str:
+    """Register ``attnshare_<base>`` (attention and mask functions); idempotent. Returns the name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    name = PREFIX + base
+    AttentionInterface.register(name, _dispatcher(base))
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    return name
+
+
+def base_implementation(model) -> str:
+    impl = model.config._attn_implementation or "eager"
+    return impl[len(PREFIX):] if impl.startswith(PREFIX) else impl
+
+
+def install(model) -> None:
+    """Route the model's attention through the attnshare dispatcher (keeps its base implementation)."""
+    base = base_implementation(model)
+    if base not in BASES:
+        raise AttnshareError(
+            f"Attention implementation '{base}' is not supported for sharing; load the model with "
+            "attn_implementation='sdpa' or 'eager'."
+        )
+    model.set_attn_implementation(register(base))
+
+
+def uninstall(model) -> None:
+    model.set_attn_implementation(base_implementation(model))
+
+
+class Publisher:
+    """Attention hook of a donor layer: computes the layer's own output and publishes its attention.
+
+    Prefill publishes post-RoPE Q and K (receivers run fused SDPA over them), unless some consumer needs
+    materialised probabilities or scores; decode (``Tq <= decode_rows``) publishes probability rows, which are
+    tiny, so receivers never re-read the donor's K cache.
+    """
+
+    def __init__(self, context: ShareContext, layer: int, need_scores: bool = False, decode_rows: int = 1,
+                 fused_prefill: bool = True) -> None:
+        self.context = context
+        self.layer = layer
+        self.need_scores = need_scores
+        self.decode_rows = decode_rows
+        self.fused_prefill = fused_prefill
+
+    def __call__(self, module, fn, q, k, v, mask, scaling=None, dropout=0.0, **kwargs):
+        scaling = module.scaling if scaling is None else scaling
+        softcap = kwargs.get("softcap")
+        if self.fused_prefill and not self.need_scores and q.shape[-2] > self.decode_rows:
+            out, weights = fn(module, q, k, v, mask, scaling=scaling, dropout=dropout, **kwargs)
+            self.context.publish(self.layer, DonorState(q=q, k=k, mask=mask, scaling=scaling, softcap=softcap))
+            return out, weights
+        scores = attention_scores(q, k, mask, scaling, softcap)  # (B,H,Tq,S) float32
+        probs = softmax_probs(scores, q.dtype)
+        state = DonorState(probs=probs, scores=scores if self.need_scores else None, mask=mask, scaling=scaling)
+        self.context.publish(self.layer, state)
+        out, _ = eager_attention(module, q, k, v, mask, scaling, dropout, softcap, probs=probs)
+        return out, None
+
+
+def set_hook(module: torch.nn.Module, hook) -> None:
+    setattr(module, HOOK, hook)
+
+
+def clear_hook(module: torch.nn.Module) -> None:
+    if hasattr(module, HOOK):
+        delattr(module, HOOK)

@@ -1,0 +1,102 @@
+"""Pure attention functions.
+
+Notation: B batch, H query heads, Hkv key/value heads, G = H / Hkv, Tq query length, S key length, d head dim.
+Masks follow HF conventions: ``None`` (causal, aligned to the end of the keys), boolean (True = attend) or
+additive float.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, Hkv, S, d) -> (B, Hkv*G, S, d); query head h reads key/value head h // G."""
+    if groups == 1:
+        return x
+    b, hkv, s, d = x.shape
+    return x[:, :, None].expand(b, hkv, groups, s, d).reshape(b, hkv * groups, s, d)
+
+
+def causal_bool_mask(tq: int, s: int, device: torch.device) -> torch.Tensor:
+    """(Tq, S) boolean mask, True where query i (at absolute position S - Tq + i) may attend key j."""
+    q_pos = torch.arange(s - tq, s, device=device)[:, None]
+    return torch.arange(s, device=device)[None, :] <= q_pos
+
+
+def attention_scores(
+    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scaling: float, softcap: float | None = None
+) -> torch.Tensor:
+    """Masked pre-softmax scores in float32: q (B,H,Tq,d), k (B,Hkv,S,d) -> (B,H,Tq,S), -inf where masked."""
+    k = repeat_kv(k, q.shape[1] // k.shape[1])  # (B,H,S,d)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling  # (B,H,Tq,S)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    return apply_mask(scores, mask)
+
+
+def apply_mask(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mask (B,H,Tq,S) float32 scores; ``None`` means causal aligned to the end of the keys."""
+    tq, s = scores.shape[-2:]
+    if mask is None:
+        mask = causal_bool_mask(tq, s, scores.device)
+    else:
+        mask = mask[..., :s]
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, float("-inf"))
+    return scores + mask.float()
+
+
+def softmax_probs(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Row softmax of float32 scores, cast to ``dtype``; fully masked rows give zeros instead of NaN."""
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0).to(dtype)
+
+
+def attention_probs(
+    q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scaling: float, softcap: float | None = None
+) -> torch.Tensor:
+    """Post-softmax probabilities (B,H,Tq,S) in q's dtype (softmax in float32, as HF eager does)."""
+    return softmax_probs(attention_scores(q, k, mask, scaling, softcap), q.dtype)
+
+
+def apply_probs(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """probs (B,H,Tq,S) @ v (B,Hkv,S,d) -> (B,Tq,H,d), the layout HF attention functions return."""
+    v = repeat_kv(v, probs.shape[1] // v.shape[1])  # (B,H,S,d)
+    return torch.matmul(probs, v).transpose(1, 2).contiguous()
+
+
+def fused_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """softmax(q k^T * scaling + mask) @ v without materialising probabilities (SDPA).
+
+    q (B,H,Tq,d), k (B,Hk,S,d), v (B,Hv,S,dv) with Hk, Hv dividing H -> (B,Tq,H,dv).
+    """
+    h = q.shape[1]
+    k = repeat_kv(k, h // k.shape[1])  # (B,H,S,d)
+    v = repeat_kv(v, h // v.shape[1])  # (B,H,S,dv)
+    tq, s = q.shape[-2], k.shape[-2]
+    if mask is None and tq > 1 and tq != s:
+        mask = causal_bool_mask(tq, s, q.device)
+    if mask is not None:
+        mask = mask[..., :s]
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None and tq > 1, scale=scaling
+    )  # (B,H,Tq,dv)
+    return out.transpose(1, 2).contiguous()
+
+
+def eager_attention(
+    module, q, k, v, mask, scaling: float, dropout: float = 0.0, softcap: float | None = None,
+    probs: torch.Tensor | None = None, **_,
+):
+    """HF-compatible eager attention from the pure functions: (out (B,Tq,H,d), probs (B,H,Tq,S)).
+
+    ``probs`` skips recomputing probabilities a caller already has.
+    """
+    if probs is None:
+        probs = attention_probs(q, k, mask, scaling, softcap)
+    if dropout and getattr(module, "training", False):
+        probs = F.dropout(probs, p=dropout, training=True)
+    return apply_probs(probs, v), probs
