@@ -107,6 +107,14 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from ..api import is_artifact
+
+    if is_artifact(name_or_path):  # an attnshare artifact: its base model with the plans re-applied
+        from ..api import load, read_artifact
+
+        base = read_artifact(name_or_path)["base"]["base_model"]
+        model, _ = load(name_or_path, dtype=dtype, device=device)
+        return model, AutoTokenizer.from_pretrained(resolve(base))
     source = resolve(name_or_path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)

@@ -1,0 +1,61 @@
+"""SA: apply a plan by replacing receivers' attention and hooking their donors."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ...arch import arch_of, attention, geometry, set_attention
+from ...attention.dispatch import Publisher, clear_hook, install, set_hook
+from ...errors import AttnshareError
+from ..base import Applied, SharingMethod, SharingState
+from ..surgery import detach, reattach
+from .config import SAConfig
+from .modules import SharedAttentionReceiver
+from .plan import SAPlan, nearest_donors
+
+
+class SA(SharingMethod):
+    name = "sa"
+    config_cls = SAConfig
+    plan_cls = SAPlan
+
+    def make_plan(self, model: nn.Module, config: SAConfig) -> SAPlan:
+        geo = geometry(model)
+        if config.receivers:
+            plan = SAPlan(donors=nearest_donors(config.receivers, geo), fused_prefill=config.fused_prefill)
+            if config.align_heads:
+                from ...analysis.planning import head_maps_for
+
+                plan.head_map = head_maps_for(model, plan.donors)
+            return plan
+        if config.budget:
+            from ...analysis.planning import plan_sa
+
+            return plan_sa(model, config)
+        raise AttnshareError("SA needs --receivers LAYER... or --budget N to choose receiver layers.")
+
+    def apply(self, model: nn.Module, plan: SAPlan, state: SharingState, applied: Applied) -> None:
+        spec, geo = arch_of(model), geometry(model)
+        install(model)
+        for receiver, donor in sorted(plan.donors.items()):
+            base = attention(model, receiver)
+            path = f"{spec.layers}.{receiver}.{spec.attn}"
+            removable = [spec.q, spec.k] + (["q_norm", "k_norm"] if spec.qk_norm else [])
+            detached = detach(base, path, removable, keep=state.keep_originals)
+            receiver_module = SharedAttentionReceiver(
+                base, spec.v, spec.o, donor, state.context, plan.head_map.get(receiver), geo.head_dim
+            )
+            set_attention(model, receiver, receiver_module)
+            state.context.add_edge(donor, receiver)
+            donor_module = attention(model, donor)
+            if not isinstance(getattr(donor_module, "attnshare_hook", None), Publisher):
+                set_hook(donor_module, Publisher(state.context, donor, fused_prefill=plan.fused_prefill))
+
+            def undo(receiver=receiver, donor=donor, base=base, detached=detached):
+                reattach(detached, state.base_state_dict)
+                set_attention(model, receiver, base)
+                state.context.remove_consumer(receiver)
+                if not state.context.publishes(donor):
+                    clear_hook(attention(model, donor))
+
+            applied.undo.append(undo)
