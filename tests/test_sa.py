@@ -175,3 +175,17 @@ def test_plan_json_round_trip(tmp_path):
     attnshare.save_plans(plan, tmp_path / "p.json")
     assert json.loads((tmp_path / "p.json").read_text())["method"] == "sa"
     assert attnshare.load_plans(tmp_path / "p.json") == [plan]
+
+
+@pytest.mark.real
+def test_real_model_span_generates_identically_with_and_without_cache(real_model):
+    import copy
+
+    model, tok = real_model
+    shared = attnshare.apply(copy.deepcopy(model), SAPlan(donors={23: 22, 24: 22, 25: 22, 26: 22}))
+    ids = tok("The plays of Shakespeare were first collected", return_tensors="pt").input_ids
+    assert torch.equal(greedy_generate(shared, ids, 12), greedy_no_cache(shared, ids, 12))
+    with torch.no_grad():
+        base_kv = cache_bytes(model(ids, use_cache=True).past_key_values)
+        shared_kv = cache_bytes(shared(ids, use_cache=True).past_key_values)
+    assert shared_kv * 60 == base_kv * (60 - 4)  # 4 receivers of 30 layers drop 4/(2*30) of the KV cache

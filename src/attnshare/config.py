@@ -25,6 +25,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
         if not f.init or f.metadata.get("cli") is False:
             continue
         flag = "--" + prefix + f.name.replace("_", "-")
+        if flag in parser._option_string_actions:  # several configs may share a field (e.g. seed): one flag
+            continue
         tp = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None

@@ -25,12 +25,19 @@ def causal_bool_mask(tq: int, s: int, device: torch.device) -> torch.Tensor:
     return torch.arange(s, device=device)[None, :] <= q_pos
 
 
+def grouped_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-head a @ b where b has fewer (kv) heads: a (B,H,M,K), b (B,Hkv,K,N) -> (B,H,M,N), b never expanded."""
+    bsz, h, m, _ = a.shape
+    hkv = b.shape[1]
+    out = torch.matmul(a.reshape(bsz, hkv, (h // hkv) * m, a.shape[-1]), b)  # (B,Hkv,G*M,N)
+    return out.view(bsz, h, m, b.shape[-1])
+
+
 def attention_scores(
     q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scaling: float, softcap: float | None = None
 ) -> torch.Tensor:
     """Masked pre-softmax scores in float32: q (B,H,Tq,d), k (B,Hkv,S,d) -> (B,H,Tq,S), -inf where masked."""
-    k = repeat_kv(k, q.shape[1] // k.shape[1])  # (B,H,S,d)
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scaling  # (B,H,Tq,S)
+    scores = grouped_matmul(q, k.transpose(-1, -2)).float() * scaling  # (B,H,Tq,S)
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     return apply_mask(scores, mask)
@@ -62,8 +69,7 @@ def attention_probs(
 
 def apply_probs(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """probs (B,H,Tq,S) @ v (B,Hkv,S,d) -> (B,Tq,H,d), the layout HF attention functions return."""
-    v = repeat_kv(v, probs.shape[1] // v.shape[1])  # (B,H,S,d)
-    return torch.matmul(probs, v).transpose(1, 2).contiguous()
+    return grouped_matmul(probs.to(v.dtype), v).transpose(1, 2).contiguous()
 
 
 def fused_attention(
@@ -74,15 +80,17 @@ def fused_attention(
     q (B,H,Tq,d), k (B,Hk,S,d), v (B,Hv,S,dv) with Hk, Hv dividing H -> (B,Tq,H,dv).
     """
     h = q.shape[1]
-    k = repeat_kv(k, h // k.shape[1])  # (B,H,S,d)
-    v = repeat_kv(v, h // v.shape[1])  # (B,H,S,dv)
+    gqa = k.shape[1] == v.shape[1]  # SDPA maps query head h to kv head h // G itself
+    if not gqa:
+        k = repeat_kv(k, h // k.shape[1])  # (B,H,S,d)
+        v = repeat_kv(v, h // v.shape[1])  # (B,H,S,dv)
     tq, s = q.shape[-2], k.shape[-2]
     if mask is None and tq > 1 and tq != s:
         mask = causal_bool_mask(tq, s, q.device)
     if mask is not None:
         mask = mask[..., :s]
     out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None and tq > 1, scale=scaling
+        q, k, v, attn_mask=mask, is_causal=mask is None and tq > 1, scale=scaling, enable_gqa=gqa and k.shape[1] != h
     )  # (B,H,Tq,dv)
     return out.transpose(1, 2).contiguous()
 

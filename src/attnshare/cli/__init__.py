@@ -14,6 +14,8 @@ import sys
 COMMANDS: dict[str, str] = {
     "fetch-data": "attnshare.cli.fetch_data",
     "eval": "attnshare.cli.eval_cmd",
+    "apply": "attnshare.cli.apply",
+    "generate": "attnshare.cli.generate",
 }
 
 

@@ -1,0 +1,56 @@
+"""CLI end to end on a tiny saved model: apply -> artifact -> eval / generate, and one-sentence errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import tiny_model
+from test_foundation import _tiny_tokenizer
+
+from attnshare.cli import main
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    _tiny_tokenizer().save_pretrained(folder)
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 40)
+    return folder, text
+
+
+def test_apply_then_eval_and_generate_from_artifact(tiny_folder, tmp_path, capsys):
+    folder, text = tiny_folder
+    art = tmp_path / "art"
+    assert main(["apply", "--model", str(folder), "--method", "sa", "--receivers", "2", "3", "--out", str(art)]) == 0
+    meta = json.loads((art / "attnshare.json").read_text())
+    assert meta["plans"][0]["donors"] == {"2": 1, "3": 1}
+    assert main(["eval", "--model", str(art), "--text", str(text), "--window", "64", "--max-tokens", "256",
+                 "--proxy-items", "0", "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["perplexity"]["windows"] == 4
+    capsys.readouterr()
+    assert main(["generate", "--model", str(art), "--prompt", "abc", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("abc")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["apply", "--out", "X"], "Give --method NAME"),
+        (["apply", "--method", "sa", "--receivers", "0", "--out", "X"], "has no earlier non-receiver"),
+        (["apply", "--plan", "/nonexistent.json", "--out", "X"], "does not exist"),
+        (["generate", "--prompt", " ", "--model", "M"], "The prompt is empty"),
+    ],
+)
+def test_cli_bad_input_is_one_sentence(tiny_folder, tmp_path, capsys, argv, message):
+    folder, _ = tiny_folder
+    argv = [a if a != "X" else str(tmp_path / "out") for a in argv]
+    argv = [a if a != "M" else str(folder) for a in argv]
+    if "--model" not in argv:
+        argv += ["--model", str(folder)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and message in err
+    assert not (tmp_path / "out").exists()
