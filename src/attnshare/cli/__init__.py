@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "eval": "attnshare.cli.eval_cmd",
     "apply": "attnshare.cli.apply",
     "generate": "attnshare.cli.generate",
+    "demo": "attnshare.cli.demo",
 }
 
 

@@ -1,0 +1,1 @@
+"""The demo pipeline and its report (markdown + plots)."""
