@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import tiny_model
 from safetensors.torch import save_file
 
 from attnshare.train import TrainConfig, lm_objective, train
-from conftest import tiny_model
 
 
 def main(out: Path, batch_size: int) -> None:

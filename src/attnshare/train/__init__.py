@@ -1,5 +1,6 @@
 """One training loop (accelerate) for LiSA, SA healing and PostShare: configs, losses, objectives, checkpoints."""
 
+from .loop import TrainConfig, TrainResult, batch_indices, latest_checkpoint, lr_factor, select_trainable, train
 from .losses import (
     Objective,
     attention_map_kl,
@@ -9,7 +10,6 @@ from .losses import (
     lm_objective,
     pair_frobenius,
 )
-from .loop import TrainConfig, TrainResult, batch_indices, latest_checkpoint, lr_factor, select_trainable, train
 
 __all__ = [
     "Objective",

@@ -15,13 +15,14 @@ import math
 import random
 import shutil
 import time
-from contextlib import nullcontext
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -265,7 +266,7 @@ def load_checkpoint(folder: Path, model, optimizer, names: list[str], fingerprin
         state = json.loads((folder / _STATE_FILE).read_text())
         params_saved = load_file(str(folder / "trainable.safetensors"))
         opt_saved = load_file(str(folder / "optimizer.safetensors"))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         raise AttnshareError(f"The checkpoint in {folder} is missing or corrupt ({e}); delete it or drop --resume.") from e
     if state.get("fingerprint") != fingerprint:
         raise AttnshareError(
@@ -275,11 +276,11 @@ def load_checkpoint(folder: Path, model, optimizer, names: list[str], fingerprin
         raise AttnshareError(
             f"The checkpoint in {folder} trains other parameters than this run; use another --out-dir or drop --resume."
         )
+    optimizer.load_state_dict(unflatten_optimizer(opt_saved, state["optimizer"], names))  # validates first
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n in names:
             params[n].copy_(params_saved[n])
-    optimizer.load_state_dict(unflatten_optimizer(opt_saved, state["optimizer"], names))
     rng_file = folder / f"rng-{process}.safetensors"
     if rng_file.is_file():
         _set_rng_state(load_file(str(rng_file)), json.loads((folder / f"rng-{process}.json").read_text()))

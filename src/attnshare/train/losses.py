@@ -8,13 +8,13 @@ An *objective* is a callable ``(model, batch, teacher) -> (loss, metrics)`` wher
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 Objective = Callable[[Any, dict, Any], tuple[torch.Tensor, dict]]
-Pair = tuple[Union[torch.Tensor, Sequence[torch.Tensor]], Union[torch.Tensor, Sequence[torch.Tensor]]]
+Pair = tuple[torch.Tensor | Sequence[torch.Tensor], torch.Tensor | Sequence[torch.Tensor]]
 
 
 # --------------------------------------------------------------------------------------------------- pure losses
