@@ -168,6 +168,24 @@ def test_too_little_data_and_too_long_blocks():
 # ----------------------------------------------------------------------------------------------------- training
 
 
+class CharTokenizer:
+    """A stand-in tokenizer: one id per character (mod 128), called like a Hugging Face tokenizer."""
+
+    def __call__(self, text, add_special_tokens=True, return_attention_mask=False):
+        return {"input_ids": [ord(c) % 128 for c in text]}
+
+
+def test_trains_on_a_text_file(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question. " * 40, encoding="utf-8")
+    model = tiny_model("llama", num_layers=1)
+    config = cfg(text=str(text), max_tokens=1024, max_steps=2)
+    result = train(model, lm_objective(), config, trainable=ATTN, tokenizer=CharTokenizer())
+    assert result.steps == 2 and result.tokens == 2 * 4 * 32
+    with pytest.raises(AttnshareError, match="Unknown text"):
+        train(model, lm_objective(), cfg(text=str(tmp_path / "missing.txt")), tokenizer=CharTokenizer())
+
+
 def test_only_trainable_parameters_change():
     model = tiny_model("llama", num_layers=2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -278,6 +296,9 @@ def test_resume_refuses_another_plan_and_missing_checkpoints(tmp_path):
     with pytest.raises(AttnshareError, match="trains other parameters"):
         train(model, lm_objective(), cfg(max_steps=2, out_dir=str(tmp_path), resume=True),
               trainable=lambda n, p: "mlp" in n, data=random_ids(), fingerprint="plan-1")
+    with pytest.raises(AttnshareError, match="data layout"):
+        train(model, lm_objective(), cfg(max_steps=2, batch_size=2, out_dir=str(tmp_path), resume=True), trainable=ATTN,
+              data=random_ids(), fingerprint="plan-1")
     with pytest.raises(AttnshareError, match="no checkpoint"):
         train(model, lm_objective(), cfg(max_steps=2, out_dir=str(tmp_path / "empty"), resume=True), data=random_ids())
     (latest_checkpoint(tmp_path) / "optimizer.safetensors").write_bytes(b"garbage")

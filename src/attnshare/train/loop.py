@@ -260,8 +260,14 @@ def save_checkpoint(folder: Path, model, optimizer, names: list[str], state: dic
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(folder: Path, model, optimizer, names: list[str], fingerprint: str, process: int) -> dict:
-    """Restore a checkpoint into ``model`` and ``optimizer``; returns its JSON state. Checks plan and parameters."""
+def load_checkpoint(
+    folder: Path, model, optimizer, names: list[str], fingerprint: str, process: int, layout: dict | None = None
+) -> dict:
+    """Restore a checkpoint into ``model`` and ``optimizer``; returns its JSON state.
+
+    Refuses a checkpoint of another plan (``fingerprint``), other trainable parameters, or another data ``layout``
+    (block length, global batch, seed), which would silently change what the resumed steps see.
+    """
     try:
         state = json.loads((folder / _STATE_FILE).read_text())
         params_saved = load_file(str(folder / "trainable.safetensors"))
@@ -275,6 +281,11 @@ def load_checkpoint(folder: Path, model, optimizer, names: list[str], fingerprin
     if state.get("trainable") != names:
         raise AttnshareError(
             f"The checkpoint in {folder} trains other parameters than this run; use another --out-dir or drop --resume."
+        )
+    if layout is not None and state.get("layout") != layout:
+        raise AttnshareError(
+            f"The checkpoint in {folder} was made with data layout {state.get('layout')} but this run has {layout}; "
+            "keep seq_len, seed and batch_size x processes x grad_accum unchanged to resume."
         )
     optimizer.load_state_dict(unflatten_optimizer(opt_saved, state["optimizer"], names))  # validates first
     params = dict(model.named_parameters())
@@ -355,16 +366,18 @@ def _run(wrapped, model, objective, teacher, optimizer, names, blocks, config, a
     rank, world = accelerator.process_index, accelerator.num_processes
     out_dir = Path(config.out_dir) if config.out_dir else None
     start_step, tokens, losses, checkpoint = 0, 0, [], None
+    global_batch = config.batch_size * world * config.grad_accum  # blocks per optimizer step
+    tokens_per_step = global_batch * config.seq_len
+    layout = {"seq_len": config.seq_len, "global_batch": global_batch, "seed": config.seed}
     if config.resume:
         folder = latest_checkpoint(out_dir)
         if folder is None:
             raise AttnshareError(f"There is no checkpoint in {out_dir} to resume from; drop --resume to start fresh.")
-        state = load_checkpoint(folder, model, optimizer, names, fingerprint, rank)
+        state = load_checkpoint(folder, model, optimizer, names, fingerprint, rank, layout)
         start_step, tokens, losses = state["step"], state["tokens"], [tuple(x) for x in state["losses"]]
         checkpoint = str(folder)
         log.info("Resumed from %s at step %d", folder, start_step)
 
-    tokens_per_step = config.batch_size * world * config.grad_accum * config.seq_len
     params = [p for n, p in model.named_parameters() if n in set(names)]
     bar = tqdm(
         total=config.max_steps, initial=start_step, desc="train", unit="step",
@@ -376,7 +389,7 @@ def _run(wrapped, model, objective, teacher, optimizer, names, blocks, config, a
         if out_dir is None:
             return None
         folder = out_dir / f"checkpoint-{step:08d}"
-        state = {"step": step, "tokens": tokens, "losses": losses, "fingerprint": fingerprint,
+        state = {"step": step, "tokens": tokens, "losses": losses, "fingerprint": fingerprint, "layout": layout,
                  "world_size": world, "config": asdict(config)}
         save_checkpoint(folder, model, optimizer, names, state, accelerator)
         return str(folder)
