@@ -1,0 +1,336 @@
+"""The shared training loop: losses, data order, frozen parameters, budget, exact resume, multi-process parity."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_model
+from safetensors.torch import load_file
+
+from attnshare.config import add_dataclass_args, dataclass_from_args
+from attnshare.errors import AttnshareError
+from attnshare.train import (
+    TrainConfig,
+    attention_map_kl,
+    batch_indices,
+    distill_objective,
+    kl_distill,
+    latest_checkpoint,
+    lm_loss,
+    lm_objective,
+    lr_factor,
+    pair_frobenius,
+    select_trainable,
+    train,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+ATTN = lambda name, param: "self_attn" in name
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matmuls on 2 shared cores are ~100x slower with 2 spinning threads than with 1.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def random_ids(n_tokens: int = 64 * 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 128, (n_tokens,), generator=torch.Generator().manual_seed(seed))
+
+
+def cfg(**kw) -> TrainConfig:
+    base = {"seq_len": 32, "batch_size": 4, "max_steps": 6, "lr": 1e-2, "warmup": 1, "progress": False, "log_every": 1}
+    return TrainConfig(**{**base, **kw})
+
+
+# ------------------------------------------------------------------------------------------------------- losses
+
+
+def test_lm_loss_is_shifted_cross_entropy():
+    logits, ids = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(lm_loss(logits, ids), expected)
+
+
+def test_kl_distill_matches_definition_and_vanishes_on_equal_logits():
+    s, t = torch.randn(2, 3, 7), torch.randn(2, 3, 7)
+    p = F.softmax(t / 2, -1)
+    expected = (p * (p.log() - F.log_softmax(s / 2, -1))).sum(-1).mean() * 4
+    torch.testing.assert_close(kl_distill(s, t, 2.0), expected)
+    assert kl_distill(t, t, 1.0).abs() < 1e-6
+    assert kl_distill(s, t, 1.0) > 0
+
+
+def test_attention_map_kl():
+    mask = torch.tril(torch.ones(4, 4, dtype=torch.bool))
+    maps = [torch.randn(1, 2, 4, 4).masked_fill(~mask, float("-inf")).softmax(-1) for _ in range(3)]
+    assert attention_map_kl(maps, maps).abs() < 1e-6
+    assert attention_map_kl(maps[0], maps[1]) > 0
+    torch.testing.assert_close(
+        attention_map_kl(maps[:2], maps[1:]),
+        (attention_map_kl(maps[0], maps[1]) + attention_map_kl(maps[1], maps[2])) / 2,
+    )
+
+
+def test_pair_frobenius_is_mean_of_unsquared_norms():
+    a, b = torch.zeros(2, 2), torch.full((2, 2), 1.0)  # ||a - b|| = 2
+    c = torch.full((3,), 2.0)  # ||c|| = sqrt(12)
+    torch.testing.assert_close(pair_frobenius([(a, b), (a, a)]), torch.tensor(1.0))
+    torch.testing.assert_close(pair_frobenius([((a, c), (b, torch.zeros(3)))]), torch.tensor(2.0 + 12**0.5))
+    assert pair_frobenius(lambda: torch.tensor(5.0)) == 5.0
+    w = torch.zeros(2, 2, requires_grad=True)
+    pair_frobenius([(w, torch.zeros(2, 2))]).backward()  # zero difference: finite (zero) gradient
+    assert torch.equal(w.grad, torch.zeros(2, 2))
+
+
+# ------------------------------------------------------------------------------------------ schedule and data order
+
+
+def test_lr_factor():
+    assert [lr_factor(s, 2, 10, "constant") for s in range(3)] == [0.5, 1.0, 1.0]
+    assert lr_factor(2, 2, 10, "cosine") == 1.0 and lr_factor(10, 2, 10, "cosine") == pytest.approx(0.0)
+    assert lr_factor(6, 2, 10, "linear") == pytest.approx(0.5)
+
+
+def test_global_batch_does_not_depend_on_its_split():
+    n = 40
+    for step in range(7):  # crosses epoch boundaries (5 global batches of 8 per epoch)
+        single = batch_indices(n, step, 0, 0, 1, 8, 1, seed=1)
+        two_procs = torch.cat([batch_indices(n, step, 0, p, 2, 4, 1, seed=1) for p in range(2)])
+        accum = torch.cat([batch_indices(n, step, m, p, 2, 2, 2, seed=1) for m in range(2) for p in range(2)])
+        assert torch.equal(single, two_procs) and torch.equal(single, accum)
+    epoch = torch.cat([batch_indices(n, s, 0, 0, 1, 8, 1, seed=1) for s in range(5)])
+    assert sorted(epoch.tolist()) == list(range(n))
+    assert not torch.equal(batch_indices(n, 0, 0, 0, 1, 8, 1, seed=1), batch_indices(n, 0, 0, 0, 1, 8, 1, seed=2))
+
+
+def test_select_trainable():
+    model = tiny_model("llama", num_layers=2)
+    names = select_trainable(model, ATTN)
+    assert names and all("self_attn" in n for n in names)
+    assert select_trainable(model, list(model.named_parameters())[:2]) == [n for n, _ in model.named_parameters()][:2]
+    with pytest.raises(AttnshareError, match="no parameter named"):
+        select_trainable(model, ["nope"])
+    with pytest.raises(AttnshareError, match="No parameter"):
+        select_trainable(model, lambda n, p: False)
+
+
+# ------------------------------------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"seq_len": 1}, {"batch_size": 0}, {"grad_accum": 0}, {"lr": 0.0}, {"lr": float("nan")},
+        {"weight_decay": -1.0}, {"warmup": -1}, {"max_steps": 0}, {"max_minutes": 0.0},
+        {"checkpoint_every": -1}, {"distill_temperature": 0.0}, {"schedule": "step"},
+        {"mixed_precision": "fp16"}, {"resume": True}, {"betas": (0.9, 1.0)}, {"max_tokens": 8, "seq_len": 32},
+    ],
+)
+def test_bad_config_gives_one_sentence(bad):
+    with pytest.raises(AttnshareError) as err:
+        TrainConfig(**bad)
+    message = str(err.value)
+    assert message.endswith(".") and "\n" not in message and message.count(". ") == 0
+
+
+def test_cli_flags_round_trip():
+    parser = argparse.ArgumentParser()
+    add_dataclass_args(parser, TrainConfig)
+    args = parser.parse_args(["--seq-len", "64", "--resume", "--out-dir", "x", "--betas", "0.8", "0.9", "--max-minutes", "2"])
+    config = dataclass_from_args(TrainConfig, args)
+    assert (config.seq_len, config.resume, config.out_dir, config.betas, config.max_minutes) == (64, True, "x", (0.8, 0.9), 2.0)
+    assert dataclass_from_args(TrainConfig, parser.parse_args([])) == TrainConfig()
+
+
+def test_too_little_data_and_too_long_blocks():
+    model = tiny_model("llama", num_layers=1)
+    with pytest.raises(AttnshareError, match="fewer than one global batch"):
+        train(model, lm_objective(), cfg(batch_size=8), data=random_ids(4 * 32))
+    with pytest.raises(AttnshareError, match="longer than the model's context"):
+        train(model, lm_objective(), cfg(seq_len=512), data=random_ids())
+    with pytest.raises(AttnshareError, match="tokenizer"):
+        train(model, lm_objective(), cfg())
+
+
+# ----------------------------------------------------------------------------------------------------- training
+
+
+class CharTokenizer:
+    """A stand-in tokenizer: one id per character (mod 128), called like a Hugging Face tokenizer."""
+
+    def __call__(self, text, add_special_tokens=True, return_attention_mask=False):
+        return {"input_ids": [ord(c) % 128 for c in text]}
+
+
+def test_trains_on_a_text_file(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question. " * 40, encoding="utf-8")
+    model = tiny_model("llama", num_layers=1)
+    config = cfg(text=str(text), max_tokens=1024, max_steps=2)
+    result = train(model, lm_objective(), config, trainable=ATTN, tokenizer=CharTokenizer())
+    assert result.steps == 2 and result.tokens == 2 * 4 * 32
+    with pytest.raises(AttnshareError, match="Unknown text"):
+        train(model, lm_objective(), cfg(text=str(tmp_path / "missing.txt")), tokenizer=CharTokenizer())
+
+
+def test_only_trainable_parameters_change():
+    model = tiny_model("llama", num_layers=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = train(model, lm_objective(), cfg(max_steps=3), trainable=ATTN, data=random_ids())
+    assert result.steps == 3 and result.tokens == 3 * 4 * 32 and result.stopped == "max_steps"
+    for n, p in model.named_parameters():
+        if "self_attn" in n:
+            assert not torch.equal(p, before[n]), n
+        else:
+            assert torch.equal(p, before[n]), n
+        assert p.requires_grad  # flags restored after training
+    assert not model.training  # mode restored
+
+
+def test_loss_decreases_when_overfitting():
+    model = tiny_model("llama", num_layers=2)
+    result = train(model, lm_objective(), cfg(batch_size=4, max_steps=25, lr=2e-2, schedule="constant"),
+                   data=random_ids(4 * 32))
+    first, last = result.losses[0][1], result.losses[-1][1]
+    assert last < 0.5 * first, result.losses
+
+
+def test_distillation_reduces_kl_and_leaves_teacher_alone():
+    teacher, student = tiny_model("llama", num_layers=2, seed=0), tiny_model("llama", num_layers=2, seed=0)
+    with torch.no_grad():  # perturb the student's attention: distillation must pull it back
+        for n, p in student.named_parameters():
+            if "self_attn" in n:
+                p.add_(0.2 * torch.randn_like(p))
+    teacher_before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
+    result = train(student, distill_objective(temperature=1.0), cfg(max_steps=30, lr=2e-2, schedule="constant"), teacher=teacher,
+                   trainable=ATTN, data=random_ids())
+    assert result.losses[-1][1] < 0.6 * result.losses[0][1], result.losses
+    assert "kl" in result.metrics
+    assert all(torch.equal(p, teacher_before[n]) for n, p in teacher.named_parameters())
+
+
+def test_grad_accum_matches_one_big_batch():
+    runs = []
+    for batch_size, accum in ((4, 1), (2, 2)):
+        model = tiny_model("llama", num_layers=2)
+        result = train(model, lm_objective(), cfg(batch_size=batch_size, grad_accum=accum, max_steps=3),
+                       trainable=ATTN, data=random_ids())
+        runs.append(([x[1] for x in result.losses], model.state_dict()))
+    assert runs[0][0] == pytest.approx(runs[1][0], abs=1e-5)
+    for key, value in runs[0][1].items():
+        torch.testing.assert_close(value, runs[1][1][key], atol=1e-5, rtol=1e-4)
+
+
+def test_max_minutes_stops_cleanly(tmp_path):
+    model = tiny_model("llama", num_layers=1)
+    result = train(model, lm_objective(), cfg(max_steps=1000, max_minutes=1e-6, out_dir=str(tmp_path)),
+                   trainable=ATTN, data=random_ids())
+    assert result.stopped == "max_minutes" and result.steps == 1 and len(result.losses) == 1
+    assert result.checkpoint and json.loads((Path(result.checkpoint) / "state.json").read_text())["step"] == 1
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+class Killed(Exception):
+    pass
+
+
+def killed_after(objective, calls: int):
+    """The objective, raising ``Killed`` on call ``calls + 1`` (a crash in the middle of a step)."""
+    count = {"n": 0}
+
+    def wrapped(model, batch, teacher):
+        count["n"] += 1
+        if count["n"] > calls:
+            raise Killed
+        return objective(model, batch, teacher)
+
+    return wrapped
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    config = {"max_steps": 6, "checkpoint_every": 3, "grad_accum": 2, "batch_size": 2, "weight_decay": 0.01}
+    straight_model = tiny_model("llama", num_layers=2)
+    straight = train(straight_model, lm_objective(), cfg(**config, out_dir=str(tmp_path / "a")), trainable=ATTN,
+                     data=random_ids(), fingerprint="plan-1")
+
+    crashed = tiny_model("llama", num_layers=2)
+    with pytest.raises(Killed):  # 3 steps of 2 micro-steps, then dies inside step 4
+        train(crashed, killed_after(lm_objective(), 7), cfg(**config, out_dir=str(tmp_path / "b")), trainable=ATTN,
+              data=random_ids(), fingerprint="plan-1")
+    assert latest_checkpoint(tmp_path / "b").name == "checkpoint-00000003"
+    files = {p.suffix for p in latest_checkpoint(tmp_path / "b").iterdir()}
+    assert files == {".safetensors", ".json"}  # never pickle
+
+    resumed_model = tiny_model("llama", num_layers=2)
+    resumed = train(resumed_model, lm_objective(), cfg(**config, out_dir=str(tmp_path / "b"), resume=True),
+                    trainable=ATTN, data=random_ids(), fingerprint="plan-1")
+    assert [s for s, _ in resumed.losses] == [1, 2, 3, 4, 5, 6]
+    assert [x[1] for x in resumed.losses] == pytest.approx([x[1] for x in straight.losses], abs=1e-6)
+    assert resumed.steps == 6 and resumed.tokens == straight.tokens
+    for (n, a), b in zip(straight_model.named_parameters(), resumed_model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=n)
+
+
+def test_resume_refuses_another_plan_and_missing_checkpoints(tmp_path):
+    model = tiny_model("llama", num_layers=1)
+    train(model, lm_objective(), cfg(max_steps=1, out_dir=str(tmp_path)), trainable=ATTN, data=random_ids(),
+          fingerprint="plan-1")
+    with pytest.raises(AttnshareError, match="checkpoint .* was made for another plan"):
+        train(model, lm_objective(), cfg(max_steps=2, out_dir=str(tmp_path), resume=True), trainable=ATTN,
+              data=random_ids(), fingerprint="plan-2")
+    with pytest.raises(AttnshareError, match="trains other parameters"):
+        train(model, lm_objective(), cfg(max_steps=2, out_dir=str(tmp_path), resume=True),
+              trainable=lambda n, p: "mlp" in n, data=random_ids(), fingerprint="plan-1")
+    with pytest.raises(AttnshareError, match="data layout"):
+        train(model, lm_objective(), cfg(max_steps=2, batch_size=2, out_dir=str(tmp_path), resume=True), trainable=ATTN,
+              data=random_ids(), fingerprint="plan-1")
+    with pytest.raises(AttnshareError, match="no checkpoint"):
+        train(model, lm_objective(), cfg(max_steps=2, out_dir=str(tmp_path / "empty"), resume=True), data=random_ids())
+    (latest_checkpoint(tmp_path) / "optimizer.safetensors").write_bytes(b"garbage")
+    with pytest.raises(AttnshareError, match="missing or corrupt"):
+        train(model, lm_objective(), cfg(max_steps=2, out_dir=str(tmp_path), resume=True), trainable=ATTN,
+              data=random_ids(), fingerprint="plan-1")
+
+
+# ----------------------------------------------------------------------------------------------- multi-process
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+    """2 gloo CPU processes with batch 2 each == 1 process with batch 4 (tests/train_worker.py, ~6 s)."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": ""}
+    worker = str(ROOT / "tests" / "train_worker.py")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), worker, str(tmp_path / "two"), "2"]
+    single = [sys.executable, worker, str(tmp_path / "one"), "4"]
+    for cmd in (launch, single):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+    two, one = (json.loads((tmp_path / k / "result.json").read_text()) for k in ("two", "one"))
+    assert (two["world"], one["world"]) == (2, 1)
+    assert [x[1] for x in two["losses"]] == pytest.approx([x[1] for x in one["losses"]], abs=1e-5)
+    p2, p1 = (load_file(str(tmp_path / k / "params.safetensors")) for k in ("two", "one"))
+    for key in p1:
+        torch.testing.assert_close(p2[key], p1[key], atol=1e-5, rtol=1e-4)
