@@ -189,3 +189,27 @@ def test_real_model_span_generates_identically_with_and_without_cache(real_model
         base_kv = cache_bytes(model(ids, use_cache=True).past_key_values)
         shared_kv = cache_bytes(shared(ids, use_cache=True).past_key_values)
     assert shared_kv * 60 == base_kv * (60 - 4)  # 4 receivers of 30 layers drop 4/(2*30) of the KV cache
+
+
+def test_healing_trains_only_receivers_and_the_artifact_keeps_them(tmp_path):
+    from attnshare.train import TrainConfig, train_shared
+
+    teacher = tiny_model("llama", seed=1)  # a different model, so there is a real gap to distil
+    model = attnshare.apply(tiny_model("llama"), SAPlan(donors={2: 1, 3: 1}))
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    data = random_ids(1, 16 * 8, seed=3).view(-1)
+    ids = data.view(8, 16)
+
+    def kl() -> float:
+        s, t = logits(model, ids).log_softmax(-1), logits(teacher, ids).log_softmax(-1)
+        return torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean").item()
+
+    kl_before = kl()
+    config = TrainConfig(seq_len=16, batch_size=4, max_steps=30, lr=3e-3, progress=False)
+    train_shared(model, None, config, teacher=teacher, data=data)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".2.self_attn." in n or ".3.self_attn." in n for n in changed)
+    assert kl() < kl_before
+    attnshare.save(model, tmp_path / "healed")
+    loaded, _ = attnshare.load(tmp_path / "healed", model=tiny_model("llama"))
+    assert torch.equal(logits(loaded, ids), logits(model, ids))

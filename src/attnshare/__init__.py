@@ -27,6 +27,8 @@ _API = {
     "load_plans": "attnshare.plan",
     "save_plans": "attnshare.plan",
     "get_method": "attnshare.methods",
+    "train_shared": "attnshare.train",
+    "TrainConfig": "attnshare.train",
     "AttnshareError": "attnshare.errors",
     "load_text": "attnshare.data",
 }

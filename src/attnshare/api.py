@@ -82,6 +82,8 @@ def save(model: nn.Module, out_dir: str | Path) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     for applied in state.applied:
         tensors.update(get_method(applied.plan.method).artifact_tensors(model, applied.plan))
+    params = dict(model.named_parameters())
+    tensors.update({name: params[name] for name in sorted(state.trained) if name in params})
     meta = {
         "format": FORMAT,
         "format_version": 1,
@@ -151,6 +153,7 @@ def load(path: str | Path, model: nn.Module | None = None, *, dtype=None, device
             "load it onto its own base model."
         )
     apply(model, plans)
+    state_of(model).trained.update(k for k in tensors if k in dict(model.named_parameters()))
     if tensors:
         named = dict(model.named_parameters()) | dict(model.named_buffers())
         missing = [k for k in tensors if k not in named]

@@ -32,6 +32,7 @@ class SharingState:
     context: ShareContext = field(default_factory=ShareContext)
     applied: list[Applied] = field(default_factory=list)
     keep_originals: bool = False
+    trained: set[str] = field(default_factory=set)  # parameter names changed by training: saved in artifacts
     _base_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def base_state_dict(self) -> dict[str, torch.Tensor]:

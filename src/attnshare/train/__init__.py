@@ -1,6 +1,7 @@
 """One training loop (accelerate) for LiSA, SA healing and PostShare: configs, losses, objectives, checkpoints."""
 
 from .loop import TrainConfig, TrainResult, batch_indices, latest_checkpoint, lr_factor, select_trainable, train
+from .shared import plans_fingerprint, train_shared, trainable_names
 from .losses import (
     Objective,
     attention_map_kl,
@@ -26,4 +27,7 @@ __all__ = [
     "pair_frobenius",
     "select_trainable",
     "train",
+    "train_shared",
+    "trainable_names",
+    "plans_fingerprint",
 ]

@@ -34,6 +34,12 @@ class SA(SharingMethod):
             return plan_sa(model, config)
         raise AttnshareError("SA needs --receivers LAYER... or --budget N to choose receiver layers.")
 
+    def trainable_parameters(self, model: nn.Module, plan: SAPlan) -> list[tuple[str, nn.Parameter]]:
+        """Healing trains the receivers' remaining projections (V and O)."""
+        spec = arch_of(model)
+        prefixes = tuple(f"{spec.layers}.{r}.{spec.attn}." for r in plan.donors)
+        return [(n, p) for n, p in model.named_parameters() if n.startswith(prefixes)]
+
     def apply(self, model: nn.Module, plan: SAPlan, state: SharingState, applied: Applied) -> None:
         spec, geo = arch_of(model), geometry(model)
         install(model)
