@@ -54,3 +54,16 @@ def test_cli_bad_input_is_one_sentence(tiny_folder, tmp_path, capsys, argv, mess
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and message in err
     assert not (tmp_path / "out").exists()
+
+
+def test_train_cli_heals_and_writes_an_artifact(tiny_folder, tmp_path):
+    folder, text = tiny_folder
+    art = tmp_path / "healed"
+    argv = ["train", "--model", str(folder), "--method", "sa", "--receivers", "3", "--text", str(text),
+            "--seq-len", "32", "--batch-size", "2", "--max-steps", "3", "--no-progress", "--out", str(art)]
+    assert main(argv) == 0
+    meta = json.loads((art / "attnshare.json").read_text())
+    assert meta["tensors"] and all(".3.self_attn." in t for t in meta["tensors"])
+    report = json.loads((art / "train.json").read_text())
+    assert report["steps"] == 3 and len(report["losses"]) == 3
+    assert (tmp_path / "healed-checkpoints").is_dir()  # beside the artifact, which stays small

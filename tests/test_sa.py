@@ -192,7 +192,7 @@ def test_real_model_span_generates_identically_with_and_without_cache(real_model
 
 
 def test_healing_trains_only_receivers_and_the_artifact_keeps_them(tmp_path):
-    from attnshare.train import TrainConfig, train_shared
+    from attnshare.training import TrainConfig, train_shared
 
     teacher = tiny_model("llama", seed=1)  # a different model, so there is a real gap to distil
     model = attnshare.apply(tiny_model("llama"), SAPlan(donors={2: 1, 3: 1}))

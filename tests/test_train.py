@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from attnshare.config import add_dataclass_args, dataclass_from_args
 from attnshare.errors import AttnshareError
-from attnshare.train import (
+from attnshare.training import (
     TrainConfig,
     attention_map_kl,
     batch_indices,

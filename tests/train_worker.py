@@ -14,7 +14,7 @@ import torch
 from conftest import tiny_model
 from safetensors.torch import save_file
 
-from attnshare.train import TrainConfig, lm_objective, train
+from attnshare.training import TrainConfig, lm_objective, train
 
 
 def main(out: Path, batch_size: int) -> None:

@@ -27,8 +27,9 @@ _API = {
     "load_plans": "attnshare.plan",
     "save_plans": "attnshare.plan",
     "get_method": "attnshare.methods",
-    "train_shared": "attnshare.train",
-    "TrainConfig": "attnshare.train",
+    "train": "attnshare.api",
+    "train_shared": "attnshare.training",
+    "TrainConfig": "attnshare.training",
     "AttnshareError": "attnshare.errors",
     "load_text": "attnshare.data",
 }

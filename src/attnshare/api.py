@@ -50,6 +50,18 @@ def apply(model: nn.Module, plans: Plan | list[Plan], *, keep_originals: bool = 
     return model
 
 
+def train(model: nn.Module, tokenizer, plan: Plan, config=None, *, teacher: nn.Module | None = None):
+    """Apply ``plan`` and train what its method trains (LiSA modules, SA healing, PostShare), in place.
+
+    ``config`` is a :class:`attnshare.training.TrainConfig` (default settings when None); ``teacher`` is the unshared
+    model to distil from (reloaded from the base when None and the method needs one). Returns the TrainResult.
+    """
+    from .training import TrainConfig
+
+    plan.validate(geometry(model))
+    return get_method(plan.method).fit(model, tokenizer, plan, config or TrainConfig(), teacher)
+
+
 def unapply(model: nn.Module) -> nn.Module:
     """Undo every applied plan, restoring the base modules (weights reloaded from the base if they were freed)."""
     state = state_of(model)

@@ -42,7 +42,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str =
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         kwargs["help"] = f"{help_text} (default: {default})"
-        group.add_argument(flag, **kwargs)
+        aliases = ["--" + prefix + a for a in f.metadata.get("aliases", ())]
+        group.add_argument(flag, *[a for a in aliases if a not in parser._option_string_actions], **kwargs)
 
 
 def dataclass_from_args(cls: type, args: argparse.Namespace, prefix: str = "", **overrides: Any):

@@ -15,6 +15,7 @@ COMMANDS: dict[str, str] = {
     "fetch-data": "attnshare.cli.fetch_data",
     "eval": "attnshare.cli.eval_cmd",
     "apply": "attnshare.cli.apply",
+    "train": "attnshare.cli.train",
     "generate": "attnshare.cli.generate",
     "demo": "attnshare.cli.demo",
 }

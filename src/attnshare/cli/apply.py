@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import add_dataclass_args, dataclass_from_args
-from .common import add_model_args, load_from_args, print_table, write_json
+from .common import add_method_args, add_model_args, load_from_args, plans_from_args, print_table, write_json
 
 
 def add_parser(sub, name: str) -> None:
-    from ..methods import METHODS, get_method
-
     p = sub.add_parser(
         name,
         help="apply a sharing method and save an artifact",
@@ -21,30 +18,26 @@ def add_parser(sub, name: str) -> None:
         "  attnshare apply --plan plan.json --out out/planned --eval",
     )
     add_model_args(p)
-    p.add_argument("--method", choices=sorted(METHODS), help="sharing method (not needed with --plan)")
-    p.add_argument("--plan", help="plan JSON file from `attnshare plan` (one plan or a list applied in order)")
+    add_method_args(p)
     p.add_argument("--out", required=True, help="artifact folder to write")
     p.add_argument("--eval", action="store_true", help="also measure perplexity (SPEC protocol) before and after")
-    for method in sorted(METHODS):
-        add_dataclass_args(p, get_method(method).config_cls)
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     import attnshare
     from ..errors import AttnshareError
-    from ..methods import get_method
-    from ..plan import load_plans
 
     if not args.plan and not args.method:
         raise AttnshareError("Give --method NAME (with its options) or --plan FILE.")
-    plans = load_plans(args.plan) if args.plan else None
+    if args.plan:  # read (and validate) the plan file before the slow model load
+        from ..plan import load_plans
+
+        load_plans(args.plan)
     model, tokenizer = load_from_args(args)
     before = attnshare.perplexity(model, tokenizer) if args.eval else None
     params_before = model.num_parameters()
-    if plans is None:
-        method = get_method(args.method)
-        plans = [method.make_plan(model, dataclass_from_args(method.config_cls, args))]
+    plans = plans_from_args(args, model)
     attnshare.apply(model, plans)
     out = attnshare.save(model, args.out)
     row = {"plans": "; ".join(p.summary() for p in plans), "params": model.num_parameters(),

@@ -18,6 +18,32 @@ def load_from_args(args):
     return load_model(args.model, dtype=args.dtype, num_layers=args.num_layers)
 
 
+def add_method_args(p) -> None:
+    """``--method``, ``--plan`` and every registered method's planning flags (generated from its config)."""
+    from ..config import add_dataclass_args
+    from ..methods import METHODS, get_method
+
+    p.add_argument("--method", choices=sorted(METHODS), help="sharing method (not needed with --plan)")
+    p.add_argument("--plan", help="plan JSON file from `attnshare plan` (one plan or a list applied in order)")
+    for method in sorted(METHODS):
+        add_dataclass_args(p, get_method(method).config_cls)
+
+
+def plans_from_args(args, model) -> list:
+    """The plans named by ``--plan``, or made by ``--method``'s planner from its flags."""
+    from ..config import dataclass_from_args
+    from ..errors import AttnshareError
+    from ..methods import get_method
+    from ..plan import load_plans
+
+    if args.plan:
+        return load_plans(args.plan)
+    if not args.method:
+        raise AttnshareError("Give --method NAME (with its options) or --plan FILE.")
+    method = get_method(args.method)
+    return [method.make_plan(model, dataclass_from_args(method.config_cls, args))]
+
+
 def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
     """A GitHub-flavoured markdown table of ``rows``."""
     if not rows:

@@ -71,3 +71,16 @@ class SharingMethod(ABC):
     def trainable_parameters(self, model: nn.Module, plan: Plan) -> list[tuple[str, nn.Parameter]]:
         """Parameters a training stage updates for this method; default none."""
         return []
+
+    def fit(self, model: nn.Module, tokenizer, plan: Plan, config, teacher=None):
+        """Apply ``plan`` to ``model`` and train it (``config`` is a :class:`attnshare.training.TrainConfig`).
+
+        Default: apply, then distil the unshared model into the parameters :meth:`trainable_parameters` declares.
+        Methods override this when training comes first (PostShare) or in stages (LiSA's layer-local fit).
+        Returns the :class:`attnshare.training.TrainResult` of the (last) training stage.
+        """
+        from ..api import apply
+        from ..training import train_shared
+
+        apply(model, plan)
+        return train_shared(model, tokenizer, config, teacher=teacher)

@@ -59,7 +59,9 @@ class TrainConfig:
     )
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 = no clipping)"})
     max_steps: int = field(default=100, metadata={"help": "optimizer steps"})
-    max_minutes: float | None = field(default=None, metadata={"help": "wall-clock budget; stop cleanly when reached"})
+    max_minutes: float | None = field(
+        default=None, metadata={"help": "wall-clock budget; stop cleanly when reached", "aliases": ["minutes"]}
+    )
     seed: int = field(default=0, metadata={"help": "seed for data order and initialisation"})
     log_every: int = field(default=10, metadata={"help": "log the loss every N steps"})
     checkpoint_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})

@@ -2,7 +2,7 @@
 
 An *objective* is a callable ``(model, batch, teacher) -> (loss, metrics)`` where ``batch`` is
 ``{"input_ids": (B, T) LongTensor}``, ``loss`` is a scalar tensor with a graph to the trainable parameters and
-``metrics`` is a dict of floats for logging. Methods plug their own loss into :func:`attnshare.train.train` this way.
+``metrics`` is a dict of floats for logging. Methods plug their own loss into :func:`attnshare.training.train` this way.
 """
 
 from __future__ import annotations
