@@ -82,6 +82,8 @@ def test_stats_match_brute_force_over_eager_attention():
     torch.testing.assert_close(stats.head_js((1, 3)), ref.double(), rtol=1e-5, atol=1e-5)
     cos = torch.nn.functional.cosine_similarity(maps[0].flatten(2), maps[2].flatten(2), dim=-1).mean()
     assert stats.layer_cosine()[0, 2].item() == pytest.approx(cos.item(), abs=1e-5)
+    mean_map = js_similarity(maps[1].mean(1), maps[2].mean(1)).mean()
+    assert stats.mean_map_js()[1, 2].item() == pytest.approx(mean_map.item(), abs=1e-5)
 
 
 def test_memory_does_not_grow_with_batches():
@@ -96,7 +98,7 @@ def test_memory_does_not_grow_with_batches():
             stats.add(layer, random_maps(b=1, h=4, n=8, s=8))
         assert len(stats._batch) == 4  # at most one batch's maps, one entry per layer
         stats.end_batch()
-    assert stats.nbytes() == 2 * 4 * 4 * 8 and stats.rows == 5 * 8
+    assert stats.nbytes() == 3 * 4 * 4 * 8 and stats.rows == 5 * 8
 
 
 def test_recording_leaves_the_model_unchanged(arch):

@@ -62,6 +62,7 @@ class Analysis:
     num_heads: int
     layer_js: torch.Tensor  # (L, L) mean 1 - JS/ln2, head h with head h
     layer_cosine: torch.Tensor  # (L, L)
+    mean_map_js: torch.Tensor  # (L, L) 1 - JS/ln2 of head-averaged maps
     head_js: dict[tuple[int, int], torch.Tensor]  # (earlier, later) -> (H, H) [later head, earlier head]
     head_cosine: dict[tuple[int, int], torch.Tensor]
     sensitivity: list[dict[str, float]] = field(default_factory=list)  # per measured layer
@@ -93,13 +94,18 @@ class Analysis:
             "notes": {
                 "skip_rows": f"the first {self.config.skip_rows} query rows of every block are left out of similarity",
                 "head_js": "[later head][earlier head] mean 1 - JS/ln2",
+                "layer_js": "mean over rows and heads of 1 - JS/ln2, head h of one layer with head h of the other",
+                "mean_map_js": "1 - JS/ln2 between head-averaged maps (coarser; higher than layer_js)",
                 "sensitivity": "KL(base || shared) of next-token distributions, nats/token, on held-out calibration "
                 "tokens, when the layer alone reuses its nearest earlier layer's attention (SA), same head index "
                 "(unaligned) or Hungarian head map (aligned)",
             },
             "layer_js": self.layer_js.tolist(),
             "layer_cosine": self.layer_cosine.tolist(),
+            "mean_map_js": self.mean_map_js.tolist(),
             "adjacent_js": torch.diagonal(self.layer_js, 1).tolist(),
+            "adjacent_mean_map_js": torch.diagonal(self.mean_map_js, 1).tolist(),
+            "adjacent_cosine": torch.diagonal(self.layer_cosine, 1).tolist(),
             "heads": self.head_summary(),
             "head_js": {f"{a}-{b}": m.tolist() for (a, b), m in sorted(self.head_js.items())},
             "sensitivity": self.sensitivity,
@@ -110,7 +116,7 @@ class Analysis:
         }
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"layer_js": self.layer_js, "layer_cosine": self.layer_cosine}
+        out = {"layer_js": self.layer_js, "layer_cosine": self.layer_cosine, "mean_map_js": self.mean_map_js}
         out |= {f"head_js.{a}-{b}": m for (a, b), m in self.head_js.items()}
         out |= {f"head_cosine.{a}-{b}": m for (a, b), m in self.head_cosine.items()}
         if self.sensitivity:
@@ -158,7 +164,7 @@ def analyze(model: nn.Module, config: AnalyzeConfig | None = None, *, tokenizer=
     result = Analysis(
         config=config, model=str(getattr(model.config, "attnshare_base", "") or model.config.model_type),
         num_layers=geo.num_layers, num_heads=geo.num_heads, layer_js=stats.layer_js(),
-        layer_cosine=stats.layer_cosine(), head_js={p: stats.head_js(p) for p in stats.head_pairs},
+        layer_cosine=stats.layer_cosine(), mean_map_js=stats.mean_map_js(), head_js={p: stats.head_js(p) for p in stats.head_pairs},
         head_cosine={p: stats.head_cosine(p) for p in stats.head_pairs}, weights=matches, weight_stats=weight_stats,
     )
     if config.sensitivity_every:

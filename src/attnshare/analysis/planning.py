@@ -186,6 +186,7 @@ def plan_sa(model: nn.Module, config: SAConfig, *, progress: bool = True) -> SAP
         )
     aligned = config.align_heads
     single = probe.single_layer(candidates, aligned, desc="SA single-layer sensitivity")
+    log.info("SA single-layer KL: %s", {layer: round(d.kl, 4) for layer, d in single.items()})
     shortlist_size = config.shortlist or budget + 8
     shortlist = sorted(candidates, key=lambda layer: (single[layer].kl, layer))[:max(shortlist_size, budget)]
     best = min(shortlist, key=lambda layer: (single[layer].kl, layer))

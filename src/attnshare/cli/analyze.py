@@ -38,11 +38,13 @@ def run(args) -> int:
     result = analyze(model, config, tokenizer=tokenizer, progress=not args.no_progress)
     paths = result.save(args.out, plots=not args.no_plots)
     rows = []
-    adjacent = result.to_dict()["adjacent_js"]
+    numbers = result.to_dict()
     heads = {r["later"]: r for r in result.head_summary() if r["later"] - r["earlier"] == 1}
     sens = {r["layer"]: r for r in result.sensitivity}
     for layer in range(1, result.num_layers):
-        row = {"layer": layer, "js sim to l-1": adjacent[layer - 1]}
+        row = {"layer": layer, "js sim to l-1": numbers["adjacent_js"][layer - 1],
+               "head-mean js sim": numbers["adjacent_mean_map_js"][layer - 1],
+               "cosine": numbers["adjacent_cosine"][layer - 1]}
         if layer in heads:
             row |= {"heads unaligned": heads[layer]["unaligned"], "heads aligned": heads[layer]["aligned"]}
         if layer in sens:
