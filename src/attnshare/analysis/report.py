@@ -20,7 +20,10 @@ def _write_atomic(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: no half-written outputs."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         write(tmp)
         os.replace(tmp, path)
     finally:
@@ -122,6 +125,7 @@ def plot_analysis(analysis: Analysis, out: Path) -> list[Path]:
         axes[0].set_title(f"best-match cosine per {w.unit_kind} ({w.match})", fontsize=9)
         axes[0].set_xlabel("layer")
         axes[0].set_ylabel(w.unit_kind)
+        axes[0].set_yticks(range(score.shape[1]))
         fig.colorbar(im, ax=axes[0], fraction=0.046)
         here = torch.arange(score.shape[0])[:, None].expand_as(w.layer)
         distance = (here - w.layer)[1:].flatten()
