@@ -81,8 +81,8 @@ class AttentionStats:
                 if (i, layer) in self.head_js_sum:
                     js = torch.stack([packed_js_sum(p[:, g : g + 1], q, negent[:, g : g + 1], q_negent).sum(0)
                                       for g in range(h)])  # (H, H') [later head, earlier head]
-                    self.head_js_sum[(i, layer)] += rows - js.double() / LN2
-                    self.head_cos_sum[(i, layer)] += metrics.head_cosine(p[:, :, None], q[:, :, None]).double()
+                    self.head_js_sum[(i, layer)] += rows - js.double().cpu() / LN2
+                    self.head_cos_sum[(i, layer)] += metrics.head_cosine(p[:, :, None], q[:, :, None]).double().cpu()
         self._batch[layer] = (p, negent, mean_map, mean_negent)
 
     def _count(self, b: int, n: int) -> None:
