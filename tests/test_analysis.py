@@ -336,3 +336,17 @@ def test_unsupported_model_folder_is_refused_by_analyze(tmp_path, capsys):
     argv = ["analyze", "--model", str(folder), "--tokens", "32", "--seq-len", "16", "--skip-rows", "2"]
     assert main([*argv, "--out", str(tmp_path / "o")]) == 2
     assert "supported types are" in capsys.readouterr().err
+
+
+@pytest.mark.real
+def test_real_model_head_alignment_beats_identity(real_model):
+    """On SmolLM2, the Hungarian head map of an adjacent pair is a permutation at least as similar as the identity."""
+    from attnshare.analysis.planning import head_similarity
+
+    model, tok = real_model
+    sims = head_similarity(model, [(4, 5)], tokens=256, seq_len=256, tokenizer=tok)
+    sim = sims[(4, 5)]
+    perm = best_permutation(sim)
+    assert sorted(perm) == list(range(9))
+    aligned = sum(sim[h, perm[h]] for h in range(9)) / 9
+    assert aligned >= torch.diagonal(sim).mean() and 0 < float(sim.min()) <= float(sim.max()) <= 1
