@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "eval": "attnshare.cli.eval_cmd",
     "apply": "attnshare.cli.apply",
     "train": "attnshare.cli.train",
+    "sweep": "attnshare.cli.sweep",
     "generate": "attnshare.cli.generate",
     "demo": "attnshare.cli.demo",
 }
