@@ -66,9 +66,8 @@ def run(args) -> int:
     model, tokenizer = load_from_args(args)
     base = baseline(model, tokenizer, ppl_config)
     rows = []
-    for config in configs:
+    for config, plan in zip(configs, method.make_plans(model, configs)):
         value = getattr(config, args.vary)
-        plan = method.make_plan(model, config)
         rows.append(measure_plans(model, tokenizer, plan, ppl_config, base, name=f"{args.vary}={value}",
                                   method=method.name))
     table = [{"variant": r.name, "plan": r.plan, "ppl": r.ppl, "x base": r.ppl_ratio,
