@@ -3,6 +3,9 @@ models of every architecture, bad input."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -79,6 +82,8 @@ def test_stats_match_brute_force_over_eager_attention():
     torch.testing.assert_close(stats.head_js((1, 3)), ref.double(), rtol=1e-5, atol=1e-5)
     cos = torch.nn.functional.cosine_similarity(maps[0].flatten(2), maps[2].flatten(2), dim=-1).mean()
     assert stats.layer_cosine()[0, 2].item() == pytest.approx(cos.item(), abs=1e-5)
+    mean_map = js_similarity(maps[1].mean(1), maps[2].mean(1)).mean()
+    assert stats.mean_map_js()[1, 2].item() == pytest.approx(mean_map.item(), abs=1e-5)
 
 
 def test_memory_does_not_grow_with_batches():
@@ -93,7 +98,7 @@ def test_memory_does_not_grow_with_batches():
             stats.add(layer, random_maps(b=1, h=4, n=8, s=8))
         assert len(stats._batch) == 4  # at most one batch's maps, one entry per layer
         stats.end_batch()
-    assert stats.nbytes() == 2 * 4 * 4 * 8 and stats.rows == 5 * 8
+    assert stats.nbytes() == 3 * 4 * 4 * 8 and stats.rows == 5 * 8
 
 
 def test_recording_leaves_the_model_unchanged(arch):
@@ -224,7 +229,110 @@ def test_plan_for_another_model_is_refused():
 def test_unsupported_architecture_is_refused():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=64))
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=64, bos_token_id=0, eos_token_id=0))
     with pytest.raises(AttnshareError, match="not supported; supported types are"):
         head_maps_for(model, {1: 0}, tokens=32, seq_len=16)
 
+
+
+# analyze + CLI ---------------------------------------------------------------------------------------------------
+def test_analyze_writes_numbers_and_heatmaps(tmp_path):
+    from safetensors.torch import load_file
+
+    from attnshare.analysis import AnalyzeConfig, analyze
+
+    model = tiny_model("llama", num_layers=4)
+    config = AnalyzeConfig(tokens=64, seq_len=32, skip_rows=4, heldout_tokens=32, sensitivity_every=1)
+    result = analyze(model, config, progress=False)
+    paths = result.save(tmp_path)
+    names = {p.name for p in paths}
+    assert {"analysis.json", "analysis.safetensors", "layer_similarity.png", "head_similarity.png",
+            "sensitivity.png"} <= names
+    data = json.loads((tmp_path / "analysis.json").read_text())
+    assert len(data["layer_js"]) == 4 and len(data["adjacent_js"]) == 3
+    assert [r["layer"] for r in data["sensitivity"]] == [1, 2, 3]
+    for row in data["heads"]:  # the Hungarian map is never worse than the identity map
+        assert row["aligned"] >= row["unaligned"] - 1e-9 and sorted(row["permutation"]) == [0, 1, 2, 3]
+    tensors = load_file(tmp_path / "analysis.safetensors")
+    assert torch.equal(tensors["layer_js"], result.layer_js)
+    if importlib.util.find_spec("attnshare.analysis.weights"):
+        assert "weight_similarity.png" in names and data["weights"]["match"] == "qk"
+
+
+def test_analyze_sampled_sensitivity_and_window():
+    from attnshare.analysis import AnalyzeConfig, analyze
+
+    model = tiny_model("gemma3_text", num_layers=6)
+    config = AnalyzeConfig(tokens=64, seq_len=32, skip_rows=4, heldout_tokens=32, sensitivity_every=2,
+                           head_window=2, weight_match="none")
+    result = analyze(model, config, progress=False)
+    assert sorted(result.head_js) == [(a, b) for b in range(6) for a in range(max(0, b - 2), b)]
+    assert [r["layer"] for r in result.sensitivity] == [2, 4]  # layer 1 has no earlier layer of its kind
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    from test_foundation import _tiny_tokenizer
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama", num_layers=6).save_pretrained(folder)
+    _tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_plan_cli_writes_a_plan_that_apply_reads(tiny_folder, tmp_path, capsys):
+    from attnshare.cli import main
+
+    out = tmp_path / "plans" / "sa.json"
+    small = ["--calib-tokens", "64", "--calib-seq-len", "32", "--heldout-tokens", "32"]
+    assert main(["plan", "--model", str(tiny_folder), "--method", "sa", "--budget", "2", "--align-heads",
+                 "--out", str(out), *small]) == 0
+    plan = attnshare.load_plans(out)[0]
+    assert len(plan.donors) == 2 and sorted(plan.head_map) == plan.receivers
+    assert main(["plan", "--model", str(tiny_folder), "--plan", str(out)]) == 0
+    assert main(["apply", "--model", str(tiny_folder), "--plan", str(out), "--out", str(tmp_path / "art")]) == 0
+
+
+def test_analyze_cli(tiny_folder, tmp_path, capsys):
+    from attnshare.cli import main
+
+    assert main(["analyze", "--model", str(tiny_folder), "--tokens", "64", "--seq-len", "32", "--skip-rows", "4",
+                 "--heldout-tokens", "32", "--sensitivity-every", "2", "--no-progress", "--out", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "analysis.json").is_file() and (tmp_path / "a" / "layer_similarity.png").is_file()
+    assert "KL aligned" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["plan", "--method", "sa", "--budget", "9", "--out", "OUT"], "out of range"),
+    (["plan", "--method", "sa", "--budget", "2.5", "--out", "OUT"], "number of receiver layers"),
+    (["plan", "--method", "sa", "--kv-saving", "0.7", "--out", "OUT"], "kv-saving"),
+    (["plan", "--method", "sa", "--budget", "2", "--calib-text", "hamlet", "--out", "OUT"], "evaluation text"),
+    (["plan", "--plan", "BIG", "--out", "OUT"], "make the plan for this model"),
+    (["plan", "--method", "sa", "--budget", "2"], "--out"),
+    (["analyze", "--tokens", "16", "--seq-len", "32", "--out", "OUT"], "--tokens"),
+    (["analyze", "--text", "britannica", "--tokens", "64", "--seq-len", "32", "--out", "OUT"], "evaluation text"),
+])
+def test_cli_bad_input_is_one_sentence(tiny_folder, tmp_path, capsys, argv, message):
+    from attnshare.cli import main
+
+    big = tmp_path / "big.json"
+    attnshare.save_plans(SAPlan(donors={9: 8}), big)
+    argv = [{"OUT": str(tmp_path / "out"), "BIG": str(big)}.get(a, a) for a in argv] + ["--model", str(tiny_folder)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_model_folder_is_refused_by_analyze(tmp_path, capsys):
+    from test_foundation import _tiny_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from attnshare.cli import main
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=64, bos_token_id=0, eos_token_id=0)).save_pretrained(folder)
+    _tiny_tokenizer().save_pretrained(folder)
+    argv = ["analyze", "--model", str(folder), "--tokens", "32", "--seq-len", "16", "--skip-rows", "2"]
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+    assert "supported types are" in capsys.readouterr().err

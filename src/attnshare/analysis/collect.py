@@ -25,6 +25,14 @@ log = logging.getLogger(__name__)
 EVAL_TEXTS = ("britannica", "hamlet")  # evaluation texts: calibration and planning never read them
 
 
+def check_calibration_text(text: str) -> None:
+    """Calibration and planning never read the evaluation texts."""
+    if text in EVAL_TEXTS:
+        raise AttnshareError(
+            f"'{text}' is an evaluation text; calibrate and plan on 'plays' (or your own file) instead."
+        )
+
+
 def check_base_model(model: nn.Module) -> None:
     """Analysis and planning run on the unshared base model."""
     geometry(model)  # unsupported architectures fail here with the list of supported ones
@@ -56,10 +64,7 @@ def calibration_ids(model: nn.Module, text: str = "plays", tokens: int = 1024, o
     Uses ``tokenizer`` or the model's own; a model without a tokenizer (a random test model) reads the text's UTF-8
     bytes modulo its vocabulary, which is deterministic and enough for random weights.
     """
-    if text in EVAL_TEXTS:
-        raise AttnshareError(
-            f"'{text}' is an evaluation text; calibrate and plan on 'plays' (or your own file) instead."
-        )
+    check_calibration_text(text)
     body = load_text(text)
     need = offset + tokens
     tokenizer = tokenizer if tokenizer is not None else model_tokenizer(model)

@@ -34,9 +34,12 @@ def causal_pack(maps: torch.Tensor, skip: int = 0) -> torch.Tensor:
 def packed_js_sum(p: torch.Tensor, q: torch.Tensor, p_negent: torch.Tensor, q_negent: torch.Tensor) -> torch.Tensor:
     """Σ over the rows packed in the last axis of row-wise JS: (..., K) x (..., K) -> (...).
 
-    Uses Σ_rows JS = ½ Σ p log p + ½ Σ q log q − Σ m log m, each sum over every packed entry.
+    Σ_rows JS = ½ Σ p log p + ½ Σ q log q − Σ m log m with m = (p + q)/2, each sum over every packed entry, and
+    Σ m log m = ½ Σ s log s − ½ ln2 Σ s with s = p + q (one product fewer per entry).
     """
-    return 0.5 * (p_negent + q_negent) - neg_entropy((p + q) * 0.5)
+    s = p + q
+    s_log_s = (s * s.clamp_min(1e-30).log_()).sum(-1)
+    return 0.5 * (p_negent + q_negent) - 0.5 * s_log_s + 0.5 * LN2 * s.sum(-1)
 
 
 def js_divergence(p: torch.Tensor, q: torch.Tensor, p_negent: torch.Tensor | None = None,

@@ -21,7 +21,7 @@ from ..arch import geometry
 from ..errors import AttnshareError
 from ..methods.sa.config import SAConfig
 from ..methods.sa.plan import SAPlan, nearest_donors
-from .collect import calibration_blocks, check_base_model
+from .collect import calibration_blocks, check_base_model, model_tokenizer
 from .metrics import best_permutation
 from .sensitivity import Divergence, forward_logprobs, plan_divergence
 from .stats import Pair, collect_stats
@@ -32,11 +32,12 @@ DEFAULT_SKIP = 16  # query rows skipped in similarity: the first rows see few ke
 
 
 def head_similarity(model: nn.Module, pairs: list[Pair], *, text: str = "plays", tokens: int = 1024,
-                    seq_len: int = 512, skip: int = DEFAULT_SKIP, progress: bool = False) -> dict[Pair, torch.Tensor]:
+                    seq_len: int = 512, skip: int = DEFAULT_SKIP, progress: bool = False,
+                    tokenizer=None) -> dict[Pair, torch.Tensor]:
     """Mean 1 - JS/ln2 between every head of the later and the earlier layer of each (earlier, later) pair: (H, H)
     indexed [later head, earlier head], streamed over calibration blocks."""
     check_base_model(model)
-    blocks = calibration_blocks(model, text, tokens, seq_len)
+    blocks = calibration_blocks(model, text, tokens, seq_len, tokenizer=tokenizer)
     skip = min(skip, seq_len // 4)
     stats = collect_stats(model, blocks, head_pairs=list(pairs), layer_pairs=False, skip=skip, progress=progress)
     return {pair: stats.head_js(pair) for pair in stats.head_pairs}
@@ -62,21 +63,27 @@ class PlanProbe:
     """Measures candidate plans on one model: calibration blocks, held-out reference log-probs, cached head maps."""
 
     def __init__(self, model: nn.Module, *, text: str = "plays", tokens: int = 1024, seq_len: int = 512,
-                 heldout: int = 512, progress: bool = False) -> None:
+                 heldout: int = 512, progress: bool = False, tokenizer=None) -> None:
         check_base_model(model)
         self.model, self.text, self.tokens, self.seq_len, self.progress = model, text, tokens, seq_len, progress
+        self.tokenizer = tokenizer if tokenizer is not None else model_tokenizer(model)
         self.geo = geometry(model)
         seq = min(seq_len, heldout)
-        self.heldout = calibration_blocks(model, text, heldout, seq, offset=tokens)  # (N, T) after the calibration
+        self.heldout = calibration_blocks(model, text, heldout, seq, offset=tokens, tokenizer=tokenizer)  # (N, T)
         self.reference = forward_logprobs(model, self.heldout)
         self._head_maps: dict[Pair, list[int]] = {}
         self.measured = 0
+
+    def known_similarity(self, sims: dict[Pair, torch.Tensor]) -> None:
+        """Reuse head similarities measured elsewhere (same calibration tokens) instead of recomputing them."""
+        self._head_maps.update({pair: best_permutation(sim) for pair, sim in sims.items()})
 
     def head_maps(self, donors: dict[int, int]) -> dict[int, list[int]]:
         """Head maps for ``donors``; missing (donor, receiver) pairs are computed in one calibration pass."""
         missing = sorted({(d, r) for r, d in donors.items()} - set(self._head_maps))
         if missing:
-            sims = head_similarity(self.model, missing, text=self.text, tokens=self.tokens, seq_len=self.seq_len)
+            sims = head_similarity(self.model, missing, text=self.text, tokens=self.tokens, seq_len=self.seq_len,
+                                   tokenizer=self.tokenizer, progress=self.progress)
             self._head_maps.update({pair: best_permutation(sim) for pair, sim in sims.items()})
         return {r: self._head_maps[(d, r)] for r, d in donors.items()}
 
@@ -189,6 +196,7 @@ def plan_sa_curve(model: nn.Module, config: SAConfig, budgets: list[int], *,
         )
     aligned = config.align_heads
     single = probe.single_layer(candidates, aligned, desc="SA single-layer sensitivity")
+    log.info("SA single-layer KL: %s", {layer: round(d.kl, 4) for layer, d in single.items()})
     shortlist_size = config.shortlist or top + 8
     shortlist = sorted(candidates, key=lambda layer: (single[layer].kl, layer))[:max(shortlist_size, top)]
     best = min(shortlist, key=lambda layer: (single[layer].kl, layer))

@@ -31,6 +31,7 @@ class AttentionStats:
     layer_pairs: bool = True
     layer_js_sum: torch.Tensor = field(init=False)  # (L, L) Σ over rows of 1 - JS/ln2, same head index
     layer_cos_sum: torch.Tensor = field(init=False)  # (L, L) Σ over (sample, head) of flattened-map cosine
+    mean_map_js_sum: torch.Tensor = field(init=False)  # (L, L) Σ over rows of 1 - JS/ln2 of head-averaged maps
     head_js_sum: dict[Pair, torch.Tensor] = field(init=False)  # (H, H) [later head, earlier head]
     head_cos_sum: dict[Pair, torch.Tensor] = field(init=False)
     rows: int = 0  # (sample, row) count per head (JS means divide by rows, layer means by rows * H)
@@ -41,6 +42,7 @@ class AttentionStats:
         n = self.num_layers
         self.layer_js_sum = torch.zeros(n, n, dtype=torch.float64)
         self.layer_cos_sum = torch.zeros(n, n, dtype=torch.float64)
+        self.mean_map_js_sum = torch.zeros(n, n, dtype=torch.float64)
         self.head_pairs = sorted({(min(a, b), max(a, b)) for a, b in self.head_pairs})
         h = self.num_heads
         self.head_js_sum = {p: torch.zeros(h, h, dtype=torch.float64) for p in self.head_pairs}
@@ -58,14 +60,19 @@ class AttentionStats:
         b, h, t, _ = probs.shape
         p = causal_pack(probs.float(), self.skip)  # (B,H,K) rows >= skip, keys <= row
         negent = neg_entropy(p)  # (B,H) Σ over rows of Σ p log p
+        mean_map = p.mean(1, keepdim=True)  # (B,1,K) head-averaged map
+        mean_negent = neg_entropy(mean_map)  # (B,1)
         if not self._batch:  # first layer of a new batch
             self._count(b, t - self.skip)
         rows = b * (t - self.skip)  # per head
         earlier = sorted(self._batch) if self.layer_pairs else sorted(self._partners.get(layer, ()))
         with torch.no_grad():
             for i in earlier:
-                q, q_negent = self._batch[i]
+                q, q_negent, q_mean, q_mean_negent = self._batch[i]
                 sim = rows * h - packed_js_sum(p, q, negent, q_negent).sum().item() / LN2
+                mean_sim = rows - packed_js_sum(mean_map, q_mean, mean_negent, q_mean_negent).sum().item() / LN2
+                self.mean_map_js_sum[layer, i] += mean_sim
+                self.mean_map_js_sum[i, layer] += mean_sim
                 cos = flat_cosine(p, q).sum().item()  # over (B,H)
                 self.layer_js_sum[layer, i] += sim
                 self.layer_js_sum[i, layer] += sim
@@ -76,7 +83,7 @@ class AttentionStats:
                                       for g in range(h)])  # (H, H') [later head, earlier head]
                     self.head_js_sum[(i, layer)] += rows - js.double() / LN2
                     self.head_cos_sum[(i, layer)] += metrics.head_cosine(p[:, :, None], q[:, :, None]).double()
-        self._batch[layer] = (p, negent)
+        self._batch[layer] = (p, negent, mean_map, mean_negent)
 
     def _count(self, b: int, n: int) -> None:
         self.rows += b * n
@@ -84,6 +91,7 @@ class AttentionStats:
         for layer in range(self.num_layers):  # self-similarity is 1 by definition
             self.layer_js_sum[layer, layer] += b * n * self.num_heads
             self.layer_cos_sum[layer, layer] += b * self.num_heads
+            self.mean_map_js_sum[layer, layer] += b * n
 
     def end_batch(self) -> None:
         """Free the current batch's maps."""
@@ -93,6 +101,10 @@ class AttentionStats:
     def layer_js(self) -> torch.Tensor:
         """(L, L) mean over rows and heads of 1 - JS/ln2, head h compared with head h."""
         return self.layer_js_sum / max(self.rows * self.num_heads, 1)
+
+    def mean_map_js(self) -> torch.Tensor:
+        """(L, L) mean over rows of 1 - JS/ln2 between head-averaged maps (a coarser, higher measure)."""
+        return self.mean_map_js_sum / max(self.rows, 1)
 
     def layer_cosine(self) -> torch.Tensor:
         """(L, L) mean over samples and heads of the cosine of flattened maps."""
@@ -107,7 +119,8 @@ class AttentionStats:
 
     def nbytes(self) -> int:
         """Bytes held by the accumulators (excluding the current batch's maps)."""
-        tensors = [self.layer_js_sum, self.layer_cos_sum, *self.head_js_sum.values(), *self.head_cos_sum.values()]
+        tensors = [self.layer_js_sum, self.layer_cos_sum, self.mean_map_js_sum, *self.head_js_sum.values(),
+                   *self.head_cos_sum.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 

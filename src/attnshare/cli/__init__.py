@@ -19,6 +19,8 @@ COMMANDS: dict[str, str] = {
     "sweep": "attnshare.cli.sweep",
     "generate": "attnshare.cli.generate",
     "demo": "attnshare.cli.demo",
+    "analyze": "attnshare.cli.analyze",
+    "plan": "attnshare.cli.plan",
 }
 
 

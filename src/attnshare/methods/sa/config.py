@@ -49,6 +49,9 @@ class SAConfig:
     )
 
     def __post_init__(self) -> None:
+        from ...analysis.collect import check_calibration_text
+
+        check_calibration_text(self.calib_text)
         if isinstance(self.budget, float):  # the CLI's shared --budget flag may arrive as a float
             if not self.budget.is_integer():
                 raise AttnshareError(f"The SA budget is a number of receiver layers; got {self.budget}.")
