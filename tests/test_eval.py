@@ -238,6 +238,16 @@ def test_lm_eval_adapter_scores_an_in_memory_model_offline(local_task):
     assert metrics["acc"] == pytest.approx(correct / 6)
 
 
+def test_missing_lm_eval_names_the_extra(monkeypatch, tmp_path):
+    import sys
+
+    from attnshare.evaluate.harness import lm_eval_tasks
+
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks", None)  # import fails as if lm-eval were not installed
+    with pytest.raises(AttnshareError, match=r"pip install 'attnshare\[eval\]'"):
+        lm_eval_tasks(tiny_model("llama"), _tiny_tokenizer(), ["any"], include_path=str(tmp_path))
+
+
 def test_lm_eval_through_cli_and_unknown_task(local_task, tiny_folder, text_file, tmp_path, capsys, monkeypatch):
     import lm_eval.tasks
 

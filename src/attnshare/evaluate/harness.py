@@ -44,22 +44,20 @@ def wrap_model(model, tokenizer, batch_size: int = 4, max_length: int | None = N
     """An lm-eval ``HFLM`` around an already-built model (no loading, no hub access)."""
     hf = require("lm_eval.models.huggingface", "eval")
     device = next(model.parameters()).device
-    if tokenizer.pad_token_id is None:  # HFLM pads batches; any token works under the attention mask
-        tokenizer.pad_token = tokenizer.eos_token
     return hf.HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device),
                    max_length=max_length)
 
 
 def task_metrics(results: dict) -> dict[str, dict[str, float]]:
-    """Per-task numeric metrics from an lm-eval results dict (``acc,none`` -> ``acc``; stderr kept apart)."""
+    """Per-task numeric metrics from an lm-eval results dict (``acc,none`` -> ``acc``; other filters kept)."""
     table = {}
     for task, metrics in results["results"].items():
         row = {}
         for key, value in metrics.items():
             if not isinstance(value, (int, float)) or key == "alias":
                 continue
-            metric, _, _filter = key.partition(",")
-            row[metric] = float(value)
+            metric, _, filter_name = key.partition(",")
+            row[metric if filter_name in ("", "none") else key] = float(value)
         table[task] = row
     return table
 

@@ -25,9 +25,9 @@ from tqdm.auto import tqdm
 from ..errors import AttnshareError
 
 NUM_CHOICES = 4
-CONTEXT_SENTENCES = 2  # sentences of context before a next-sentence item
-PASSAGE_SENTENCES = 4  # sentences before the final sentence of a final-word passage
-MIN_WORDS, MAX_WORDS = 6, 40  # sentence lengths eligible as answers or passage ends
+CONTEXT_SENTENCES = 1  # sentences of context before a next-sentence item (each one more is re-read 4 times)
+PASSAGE_SENTENCES = 2  # sentences before the final sentence of a final-word passage
+MIN_WORDS, MAX_WORDS = 6, 30  # sentence lengths eligible as answers or passage ends
 MIN_DISTANCE = 4  # distractors come from at least this many sentences away from the answer
 
 _ABBREVIATIONS = {"mr", "mrs", "dr", "st", "vol", "viz", "cf", "ed", "eds", "pp", "p", "no", "ch", "ibid", "esp",
