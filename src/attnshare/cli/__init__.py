@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "train": "attnshare.cli.train",
     "generate": "attnshare.cli.generate",
     "demo": "attnshare.cli.demo",
+    "bench": "attnshare.cli.bench",
 }
 
 
