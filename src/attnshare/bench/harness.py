@@ -122,6 +122,9 @@ class BenchConfig:
     repeats: int = field(default=3, metadata={"help": "measured repeats per variant (medians are reported)"})
     warmup: int = field(default=1, metadata={"help": "unmeasured warm-up runs per variant (reduced shape on CPU)"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda or auto (cuda when available)"})
+    prefill_batch: int = field(default=0, metadata={
+        "help": "sequences actually prefilled; their cache is tiled over the batch for decode (0: the whole batch; "
+                "1 makes long-context decode affordable on a CPU)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
     max_batch: bool = field(default=False, metadata={
         "help": "decode each variant at the largest batch whose weights + KV cache fit --memory-budget-gb"})
@@ -136,6 +139,8 @@ class BenchConfig:
             raise AttnshareError("--repeats must be at least 1 and --warmup at least 0.")
         if self.device not in ("cpu", "cuda", "auto"):
             raise AttnshareError(f"--device must be cpu, cuda or auto, not '{self.device}'.")
+        if self.prefill_batch < 0:
+            raise AttnshareError("--prefill-batch must be 0 (the whole batch) or a positive number of sequences.")
         if self.max_batch and self.memory_budget_gb <= 0:
             raise AttnshareError("--max-batch needs --memory-budget-gb with a positive budget in GB.")
 
@@ -204,13 +209,17 @@ class BenchResult:
                 "decode tok/s": f"{v.decode_tok_s:.2f}",
                 "decode × (ideal)": f"{v.decode_ratio:.3f} ({v.ideal_decode_ratio:.3f})",
                 "decode of ideal": f"{v.decode_of_ideal:.3f}",
+                "gain of ideal": _gain(v.decode_ratio, v.ideal_decode_ratio),
             })
         return rows
 
     def to_markdown(self) -> str:
         s = self.scenario
+        pb = self.variants[0].prefill_batch
         mode = (f"max batch under {self.config.memory_budget_gb:g} GB (weights + KV cache); prefill at batch 1"
                 if self.config.max_batch else f"batch {s.batch}")
+        if not self.config.max_batch and pb != s.batch:
+            mode += f" (prefill of {pb} sequence(s), cache tiled to the batch)"
         m = self.machine
         lines = [
             (f"Scenario `{s.name}`: {mode}, prompt {s.context} tokens + {s.new_tokens} new tokens; "
@@ -227,9 +236,11 @@ class BenchResult:
         lines.append("| " + " | ".join(cols) + " |")
         lines.append("|" + "|".join("---" for _ in cols) + "|")
         lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-        lines += ["", ("Ratios are speed over the base (>1 is faster), median of per-repeat ratios; ideal = byte model "
-                  "(decode: weight + KV bytes read per step; prefill: FLOPs). KV MB measured from the cache tensors "
-                  "after the run; peak MB = peak memory above the run's start.")]
+        lines += ["", (
+            "Ratios are speed over the base (>1 is faster), median of per-repeat ratios; ideal = byte model (decode: "
+            "weight + KV bytes read per step; prefill: FLOPs); gain of ideal = (measured - 1) / (ideal - 1). KV MB "
+            "measured from the cache tensors after the run; peak MB = peak memory above the run's start."
+        )]
         return "\n".join(lines) + "\n"
 
     def to_dict(self) -> dict:
@@ -247,6 +258,11 @@ class BenchResult:
             d["prefill_of_ideal"], d["decode_of_ideal"] = v.prefill_of_ideal, v.decode_of_ideal
             out["variants"].append(d)
         return out
+
+
+def _gain(measured: float, ideal: float) -> str:
+    """Share of the ideal speed-up that was realised: (measured - 1) / (ideal - 1); n/a when nothing is to gain."""
+    return f"{(measured - 1) / (ideal - 1):.2f}" if abs(ideal - 1) > 1e-3 else "n/a"
 
 
 def _mb(n: int) -> str:
@@ -355,7 +371,9 @@ def run_bench(variants: list[Variant], scenario: Scenario, config: BenchConfig |
     costs = [bytemodel.model_costs(m) for m in models]
     params = [parameter_bytes(m) for m in models]
     batches = _batches(scenario, config, costs, params)
-    prefill_batch = 1 if config.max_batch else scenario.batch
+    prefill_batch = 1 if config.max_batch else (config.prefill_batch or scenario.batch)
+    if any(b % prefill_batch for b in batches):
+        raise AttnshareError(f"--prefill-batch {prefill_batch} must divide the batch {scenario.batch}.")
     vocab = models[0].get_input_embeddings().weight.shape[0]
     ids = _prompt(prefill_batch, scenario.context, vocab, config.seed, device)
     warm_ids = ids if device.type == "cuda" else ids[:, : min(scenario.context, 64)]
