@@ -1,9 +1,9 @@
 """Speed and memory of base and shared variants in one process (SPEC §6).
 
-Every variant is built up front; then, after warm-up, repeats run the variants interleaved (the order rotates each
-repeat), so slow drifts of a shared machine hit every variant alike. One run = a prefill of ``batch x context``
-tokens into a fresh cache (logits for the last token only, as ``generate`` does) followed by ``new_tokens`` greedy
-decode steps. Ratios are the median over repeats of the variant's speed over the base's speed in the same repeat,
+Every variant is built up front; then, after warm-up, repeats run the variants interleaved: each variant prefills
+``batch x context`` tokens into a fresh cache (logits for the last token only, as ``generate`` does), then the
+variants run ``new_tokens`` greedy decode steps in lockstep, one step of each in turn (the order rotates every
+repeat), so load changes on a shared machine hit every variant alike. Ratios are the median over repeats of the variant's speed over the base's speed in the same repeat,
 and each sits next to the byte model's ideal ratio (:mod:`.bytemodel`).
 
 Max-batch mode turns KV savings into throughput (as the LiSA paper measures): each variant decodes at the largest
@@ -162,7 +162,7 @@ class VariantResult:
     params: int
     param_bytes: int
     kv_bytes: int  # measured from the cache after the run (batch x (context + new_tokens) tokens)
-    peak_bytes: int | None  # median peak memory above the run's start (activations, cache, temporaries)
+    peak_bytes: int | None  # median memory needed beyond the weights: cache + temporaries of the heaviest call
     prefill_s: float
     decode_s: float
     prefill_tok_s: float
@@ -239,7 +239,8 @@ class BenchResult:
         lines += ["", (
             "Ratios are speed over the base (>1 is faster), median of per-repeat ratios; ideal = byte model (decode: "
             "weight + KV bytes read per step; prefill: FLOPs); gain of ideal = (measured - 1) / (ideal - 1). KV MB "
-            "measured from the cache tensors after the run; peak MB = peak memory above the run's start."
+            "measured from the cache tensors after the run; peak MB = memory needed beyond the weights (cache + "
+            "temporaries of the heaviest call)."
         )]
         return "\n".join(lines) + "\n"
 
@@ -297,31 +298,51 @@ def tile_cache(cache, repeats: int) -> None:
                 setattr(layer, name, t.repeat_interleave(repeats, dim=0))  # (B*repeats,Hkv,S,d)
 
 
-def timed_generation(model: nn.Module, ids: torch.Tensor, new_tokens: int, tile: int = 1) -> tuple[Sample, int]:
-    """Prefill ``ids`` (B,T) into a fresh cache, optionally tile the cache ``tile`` times over the batch, then run
-    ``new_tokens`` greedy decode steps. Returns the timings and the cache bytes at the end."""
-    from transformers import DynamicCache
+class Generation:
+    """One variant's generation in progress: a timed prefill into a fresh cache, then timed decode steps.
 
-    device = ids.device
-    cache = DynamicCache(config=model.config)
-    with torch.inference_mode(), PeakMemory(device) as peak:
-        _sync(device)
-        start = time.perf_counter()
-        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        nxt = out.logits[:, -1:].argmax(-1)  # (B,1)
-        _sync(device)
-        prefill_s = time.perf_counter() - start
-        if tile > 1:
-            tile_cache(cache, tile)
-            nxt = nxt.repeat_interleave(tile, dim=0)  # (B*tile,1)
+    Each call is timed on its own, so the harness can run variants in lockstep (one step of each in turn): load
+    changes on a shared machine then hit every variant alike. ``peak_bytes`` is the most memory this generation
+    needed beyond the weights: its cache plus the temporaries of its heaviest call.
+    """
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, tile: int = 1) -> None:
+        from transformers import DynamicCache
+
+        self.model, self.ids, self.tile = model, ids, tile
+        self.cache = DynamicCache(config=model.config)
+        self.next: torch.Tensor | None = None
+        self.prefill_s = 0.0
+        self.decode_s = 0.0
+        self.peak_bytes: int | None = 0
+
+    def _timed(self, ids: torch.Tensor) -> float:
+        device = ids.device
+        held = cache_bytes(self.cache)
+        with torch.inference_mode(), PeakMemory(device) as peak:
             _sync(device)
-        start = time.perf_counter()
-        for _ in range(new_tokens):
-            out = model(nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            nxt = out.logits[:, -1:].argmax(-1)
-        _sync(device)
-        decode_s = time.perf_counter() - start
-    return Sample(prefill_s, decode_s, peak.peak_bytes), cache_bytes(cache)
+            start = time.perf_counter()
+            out = self.model(ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            self.next = out.logits[:, -1:].argmax(-1)  # (B,1) greedy
+            _sync(device)
+            elapsed = time.perf_counter() - start
+        if peak.peak_bytes is None or self.peak_bytes is None:
+            self.peak_bytes = None
+        else:
+            self.peak_bytes = max(self.peak_bytes, held + peak.peak_bytes)
+        return elapsed
+
+    def prefill(self) -> None:
+        self.prefill_s = self._timed(self.ids)
+        if self.tile > 1:
+            tile_cache(self.cache, self.tile)
+            self.next = self.next.repeat_interleave(self.tile, dim=0)  # (B*tile,1)
+
+    def step(self) -> None:
+        self.decode_s += self._timed(self.next)
+
+    def sample(self) -> Sample:
+        return Sample(self.prefill_s, self.decode_s, self.peak_bytes)
 
 
 def machine_info(device: torch.device, dtype: torch.dtype) -> dict:
@@ -382,18 +403,24 @@ def run_bench(variants: list[Variant], scenario: Scenario, config: BenchConfig |
     n = len(models)
     samples: list[list[Sample]] = [[] for _ in models]
     kv = [0] * n
-    bar = tqdm(total=n * (config.warmup + config.repeats), desc=f"bench {scenario.name}", unit="run",
-               disable=not config.progress)
+    bar = tqdm(total=config.warmup * n * (1 + warm_new) + config.repeats * n * (1 + scenario.new_tokens),
+               desc=f"bench {scenario.name}", unit="call", disable=not config.progress)
     for rep in range(config.warmup + config.repeats):
         warm = rep < config.warmup
-        for j in range(n):
-            i = (j + rep) % n  # rotate the order every repeat
-            tile = batches[i] // prefill_batch
-            sample, kv_i = timed_generation(models[i], warm_ids if warm else ids, warm_new if warm else scenario.new_tokens, tile)
-            if not warm:
-                samples[i].append(sample)
-                kv[i] = kv_i
+        order = [(j + rep) % n for j in range(n)]  # rotate the order every repeat
+        runs = [Generation(models[i], warm_ids if warm else ids, batches[i] // prefill_batch) for i in range(n)]
+        for i in order:
+            runs[i].prefill()
             bar.update()
+        for _ in range(warm_new if warm else scenario.new_tokens):  # lockstep: one step of every variant in turn
+            for i in order:
+                runs[i].step()
+                bar.update()
+        if not warm:
+            for i in order:
+                samples[i].append(runs[i].sample())
+                kv[i] = cache_bytes(runs[i].cache)
+        del runs
     bar.close()
 
     results = []
