@@ -177,13 +177,14 @@ def test_bench_cli_writes_table_and_json(tiny_folder, tmp_path, capsys):
     out = tmp_path / "b.json"
     argv = ["bench", "--model", str(tiny_folder), "--scenario", "tiny", "--repeats", "1", "--device", "cpu",
             "--method", "sa", "--receivers", "2", "3", "--json", str(out), "--markdown", str(tmp_path / "b.md"),
-            "--no-progress"]
+            "--no-progress", "--profile"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "| base |" in printed and "| sa |" in printed
     data = json.loads(out.read_text())
     assert [v["name"] for v in data["variants"]] == ["base", "sa"]
     assert data["scenario"]["context"] == 32 and (tmp_path / "b.md").read_text().startswith("Scenario `tiny`")
+    assert set(data["profiles"]) == {"base", "sa"} and "Profile of `sa`, prefill" in printed
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -130,6 +130,8 @@ class BenchConfig:
         "help": "decode each variant at the largest batch whose weights + KV cache fit --memory-budget-gb"})
     memory_budget_gb: float = field(default=0.0, metadata={"help": "memory budget (GB = 1e9 bytes) for --max-batch"})
     max_batch_cap: int = field(default=256, metadata={"help": "upper limit on the batch in --max-batch mode"})
+    profile: bool = field(default=False, metadata={
+        "help": "after measuring, profile one more prefill and decode of each variant and add the top ops by self time"})
     note: str = field(default="", metadata={"help": "machine note recorded with the results (e.g. 'shared with other jobs')"})
     seed: int = field(default=0, metadata={"help": "seed of the random prompt tokens"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -193,6 +195,7 @@ class BenchResult:
     variants: list[VariantResult]
     command: str = ""
     date: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"))
+    profiles: dict[str, dict[str, list[dict]]] = field(default_factory=dict)  # variant -> phase -> top ops
 
     def rows(self) -> list[dict]:
         rows = []
@@ -242,6 +245,11 @@ class BenchResult:
             "measured from the cache tensors after the run; peak MB = memory needed beyond the weights (cache + "
             "temporaries of the heaviest call)."
         )]
+        for name, phases in self.profiles.items():
+            for phase, ops in phases.items():
+                lines += ["", f"Profile of `{name}`, {phase} (top ops by self time):", "",
+                          "| op | self ms | share | calls |", "|---|---|---|---|"]
+                lines += [f"| `{o['op']}` | {o['self_ms']:.1f} | {o['share']:.1%} | {o['calls']} |" for o in ops]
         return "\n".join(lines) + "\n"
 
     def to_dict(self) -> dict:
@@ -251,6 +259,7 @@ class BenchResult:
             "machine": self.machine,
             "command": self.command,
             "date": self.date,
+            "profiles": self.profiles,
             "variants": [],
         }
         for v in self.variants:
@@ -345,6 +354,25 @@ class Generation:
         return Sample(self.prefill_s, self.decode_s, self.peak_bytes)
 
 
+def profile_generation(model: nn.Module, ids: torch.Tensor, tile: int, steps: int, top: int = 8) -> dict[str, list[dict]]:
+    """Top ops by self time of one prefill and of ``steps`` decode steps (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.device.type == "cuda" else [])
+    run = Generation(model, ids, tile)
+    out = {}
+    for phase, work in (("prefill", run.prefill), (f"{steps} decode steps", lambda: [run.step() for _ in range(steps)])):
+        with profile(activities=activities) as prof:
+            work()
+        events = [e for e in prof.key_averages() if e.self_device_time_total or e.self_cpu_time_total]
+        key = "self_device_time_total" if ids.device.type == "cuda" else "self_cpu_time_total"
+        total = sum(getattr(e, key) for e in events) or 1
+        events.sort(key=lambda e: getattr(e, key), reverse=True)
+        out[phase] = [{"op": e.key, "self_ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total, "calls": e.count}
+                      for e in events[:top]]
+    return out
+
+
 def machine_info(device: torch.device, dtype: torch.dtype) -> dict:
     import transformers
 
@@ -423,11 +451,16 @@ def run_bench(variants: list[Variant], scenario: Scenario, config: BenchConfig |
         del runs
     bar.close()
 
+    profiles = {}
+    if config.profile:
+        for v, m, b in zip(variants, models, batches):
+            profiles[v.name] = profile_generation(m, ids, b // prefill_batch, min(scenario.new_tokens, 8))
+
     results = []
     for i, (v, m) in enumerate(zip(variants, models)):
         results.append(_summarise(v.name, m, samples, i, kv[i], costs, params, batches, prefill_batch, scenario))
     machine = machine_info(device, next(models[0].parameters()).dtype)
-    return BenchResult(scenario, config, machine, results, command)
+    return BenchResult(scenario, config, machine, results, command, profiles=profiles)
 
 
 def _batches(scenario: Scenario, config: BenchConfig, costs: list[ModelCosts], params: list[int]) -> list[int]:
