@@ -32,6 +32,7 @@ _API = {
     "TrainConfig": "attnshare.training",
     "AttnshareError": "attnshare.errors",
     "load_text": "attnshare.data",
+    "run_bench": "attnshare.bench",
 }
 
 __all__ = sorted(_API)
