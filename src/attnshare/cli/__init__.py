@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "demo": "attnshare.cli.demo",
     "analyze": "attnshare.cli.analyze",
     "plan": "attnshare.cli.plan",
+    "bench": "attnshare.cli.bench",
 }
 
 
