@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--share-o", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-tokens", type=int, default=16384, help="perplexity protocol: first N tokens of the text")
+    p.add_argument("--base-from", help="reuse the base perplexity of an earlier results file (same protocol)")
     p.add_argument("--json", required=True, help="results file, rewritten after every row")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -36,8 +37,13 @@ def main(argv: list[str] | None = None) -> int:
 
     protocol = PerplexityConfig(max_tokens=args.max_tokens)
     model, tok = attnshare.load_model(args.model)
-    out = {"model": args.model, "base": attnshare.perplexity(model, tok, protocol, progress=False).to_dict(),
-           "stats": {}, "rows": []}
+    if args.base_from:
+        base = json.loads(Path(args.base_from).read_text())["base"]
+        if base["tokens"] != protocol.max_tokens - protocol.max_tokens // protocol.window:
+            raise SystemExit(f"{args.base_from} was measured under another protocol")
+    else:
+        base = attnshare.perplexity(model, tok, protocol, progress=False).to_dict()
+    out = {"model": args.model, "base": base, "stats": {}, "rows": []}
     params = model.num_parameters()
     print(f"base ppl {out['base']['ppl']:.3f}", flush=True)
     method = get_method("directshare")
