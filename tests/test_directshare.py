@@ -393,3 +393,11 @@ def test_real_smollm2_parameters_drop_exactly(real_model):
         attnshare.unapply(model)
     assert torch.equal(logits(model, ids), ref)
     assert isinstance(DirectSharePlan.from_dict(plan.to_dict()), DirectSharePlan)
+
+
+def test_runs_of_consecutive_bank_rows():
+    from attnshare.methods.directshare.modules import runs_of
+
+    assert runs_of([5, 6, 2]) == [(5, 2), (2, 1)]
+    assert runs_of([0, 1, 2]) == [(0, 3)]
+    assert runs_of([3, 3]) == [(3, 1), (3, 1)]

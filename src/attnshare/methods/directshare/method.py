@@ -51,7 +51,8 @@ class DirectShare(SharingMethod):
         index = {l: [rows[roots.get((l, u), (l, u))] for u in range(num_units)] for l in plan.layers}
         bank_w, bank_b = {}, {}
         for k in kinds:
-            bank_w[k] = stack_copy([unit_slice(weights[l, k], k, num_units, u) for l, u in rows])  # (N, r, D)
+            slices = [unit_slice(weights[l, k], k, num_units, u) for l, u in rows]
+            bank_w[k] = stack_copy(slices, dim=0 if k in ROW_KINDS else 1)  # q/k/v (N, r, D); o (D, N, r)
             biases = [getattr(getattr(attention(model, l), getattr(spec, k)), "bias", None) for l, _ in rows]
             if k in ROW_KINDS and biases[0] is not None:
                 bank_b[k] = stack_copy([biases[i].view(num_units, -1)[u] for i, (_, u) in enumerate(rows)])  # (N, r)
@@ -79,6 +80,6 @@ class DirectShare(SharingMethod):
         applied.undo.append(undo)
 
 
-def stack_copy(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Stack slices into fresh storage (N, ...), independent of the base weights (which are then freed)."""
-    return torch.stack([t.detach() for t in tensors])
+def stack_copy(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """Stack slices into fresh storage, independent of the base weights (which are then freed)."""
+    return torch.stack([t.detach() for t in tensors], dim=dim)
