@@ -8,6 +8,8 @@ from ..errors import AttnshareError
 from .base import SharingMethod
 
 METHODS: dict[str, str] = {
+    "directshare": "attnshare.methods.directshare:DirectShare",
+    "postshare": "attnshare.methods.postshare:PostShare",
     "sa": "attnshare.methods.sa:SA",
 }
 
