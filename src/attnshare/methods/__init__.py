@@ -9,6 +9,7 @@ from .base import SharingMethod
 
 METHODS: dict[str, str] = {
     "sa": "attnshare.methods.sa:SA",
+    "lisa": "attnshare.methods.lisa:LiSA",
 }
 
 
