@@ -327,6 +327,22 @@ def test_fit_through_public_train_and_exact_resume(tmp_path):
     assert [x[1] for x in resumed.losses] == pytest.approx([x[1] for x in full.losses], abs=1e-6)
 
 
+def test_layer_local_stage_fits_teacher_maps_then_end_to_end(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("Now is the winter of our discontent made glorious summer. " * 10)
+    teacher = tiny_model("llama", seed=1)
+    model = tiny_model("llama")
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    plan = lisa_plan((2, 3), local_steps=12)
+    result = attnshare.train(model, CharTokenizer(), plan, _train_config(text=str(text), max_steps=2, lr=3e-3),
+                             teacher=teacher)
+    assert result.metrics["local_steps"] == 12 and result.metrics["local_last"] < result.metrics["local_first"]
+    changed = {n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])}
+    assert not changed  # base weights untouched (LiSA parameters are new)
+    assert teacher.config._attn_implementation == "sdpa" and not hasattr(teacher.model.layers[1].self_attn,
+                                                                           "attnshare_hook")
+
+
 def test_resume_from_checkpoint_of_another_plan_is_refused(tmp_path):
     from attnshare.training import train_shared
 

@@ -33,7 +33,8 @@ class LiSAConfig:
         default=True, metadata={"help": "initialise the FFN to the best head permutation (else identity)"}
     )
     local_steps: int = field(
-        default=0, metadata={"help": "layer-local first stage: optimizer steps fitting each layer to the teacher map"}
+        default=0, metadata={"help": "layer-local first stage: steps fitting each layer to the teacher's attention map "
+                                     "(at most a third of --minutes), before end-to-end distillation"}
     )
 
     def __post_init__(self) -> None:

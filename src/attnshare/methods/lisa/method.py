@@ -31,7 +31,7 @@ class LiSA(SharingMethod):
         geo = geometry(model)
         layers = sorted(config.layers) if config.layers else choose_layers(model, config.fraction)
         plan = LiSAPlan(layers=layers, rank=config.rank or default_rank(geo.head_dim), ffn_width=config.ffn_width,
-                        source=config.source, rope=config.rope)
+                        source=config.source, rope=config.rope, local_steps=config.local_steps)
         plan.validate(geo)
         if config.align_heads:
             plan.head_map = head_maps(model, {layer: layer - 1 for layer in layers})
@@ -90,14 +90,31 @@ class LiSA(SharingMethod):
             applied.undo.append(undo)
 
     def fit(self, model: nn.Module, tokenizer, plan: LiSAPlan, config, teacher=None):
-        """Apply, then distil the unshared model into the LiSA modules only (next-token KL, optionally plus the
-        attention-map KL of each LiSA layer against the teacher's map at the same layer)."""
+        """Apply, optionally fit each layer to the teacher's attention map (layer-local stage, at most a third of
+        the time budget), then distil the unshared model end to end into the LiSA modules only: next-token KL,
+        plus the attention-map KL of each LiSA layer when ``config.attention_kl_weight`` > 0."""
+        import dataclasses
+        import time
+
         from ...api import apply
         from ...training import train_shared
-        from .training import lisa_objective, load_teacher
+        from ...training.loop import load_blocks
+        from .training import layer_local_fit, lisa_objective, load_teacher
 
         apply(model, plan)
         teacher = teacher if teacher is not None else load_teacher(model)
+        local: list[float] = []
+        if plan.local_steps and not config.resume:  # a resumed run continues from a checkpoint made after it
+            start = time.perf_counter()
+            share = config.max_minutes / 3 if config.max_minutes else None
+            local = layer_local_fit(model, teacher, plan.layers, load_blocks(config, tokenizer), plan.local_steps,
+                                    config, share)
+            if config.max_minutes:
+                left = config.max_minutes - (time.perf_counter() - start) / 60
+                config = dataclasses.replace(config, max_minutes=max(left, 0.05))
         objective = lisa_objective(model, teacher, plan.layers, config.distill_temperature,
                                    config.attention_kl_weight)
-        return train_shared(model, tokenizer, config, teacher=teacher, objective=objective)
+        result = train_shared(model, tokenizer, config, teacher=teacher, objective=objective)
+        if local:
+            result.metrics.update({"local_steps": float(len(local)), "local_first": local[0], "local_last": local[-1]})
+        return result

@@ -133,11 +133,7 @@ class LiSAAttention(nn.Module):
                 past_key_values=None, **kwargs):
         b, t, _ = hidden_states.shape
         v = getattr(self, self.v_name)(hidden_states).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B,Hkv,T,d)
-        q = self.lisa_q(hidden_states).view(b, t, self.num_heads, self.rank).transpose(1, 2)  # (B,H,T,r)
-        k = self.lisa_k(hidden_states).view(b, t, self.num_kv_heads, self.rank).transpose(1, 2)  # (B,Hkv,T,r)
-        if self.rope and position_embeddings is not None:
-            cos, sin = rope_subset(*position_embeddings, self.rank)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.low_rank(hidden_states, position_embeddings)  # (B,H,T,r), (B,Hkv,T,r)
         if past_key_values is not None:  # the cache stores k_lr (B,Hkv,S,r) and V, no full K
             k, v = past_key_values.update(k, v, self.layer_idx)
         scores = self.scores(self.context.consume(self.donor, self.layer_idx), q, k, attention_mask)  # (B,H,T,S)
@@ -146,6 +142,16 @@ class LiSAAttention(nn.Module):
             self.context.publish(self.layer_idx, DonorState(probs=probs, scores=scores, mask=attention_mask))
         out = apply_probs(probs, v)  # (B,T,H,d)
         return getattr(self, self.o_name)(out.reshape(b, t, -1)), probs
+
+    def low_rank(self, hidden_states: torch.Tensor, position_embeddings=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """q_lr (B,H,T,r) and k_lr (B,Hkv,T,r) of this layer's input, rotated when ``rope``."""
+        b, t, _ = hidden_states.shape
+        q = self.lisa_q(hidden_states).view(b, t, self.num_heads, self.rank).transpose(1, 2)  # (B,H,T,r)
+        k = self.lisa_k(hidden_states).view(b, t, self.num_kv_heads, self.rank).transpose(1, 2)  # (B,Hkv,T,r)
+        if self.rope and position_embeddings is not None:
+            cos, sin = rope_subset(*position_embeddings, self.rank)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k
 
     def scores(self, donor: DonorState, q: torch.Tensor, k: torch.Tensor, mask) -> torch.Tensor:
         """Masked combined scores S_l (B,H,T,S) float32."""

@@ -22,6 +22,7 @@ class LiSAPlan(Plan):
     ffn_width: int = 2  # hidden width of the alignment FFN, as a multiple of H (0: linear head mixing only)
     source: str = "scores"  # Z: the donor's masked pre-softmax scores, or its probabilities (combined in log space)
     rope: bool = True  # rotary position embedding on the low-rank q/k
+    local_steps: int = 0  # training recipe: steps of the layer-local first stage before end-to-end distillation
 
     def validate(self, geo: Geometry) -> None:
         for layer in self.layers:
@@ -43,6 +44,8 @@ class LiSAPlan(Plan):
             raise AttnshareError(f"RoPE on the low-rank term needs an even rank, got {self.rank}; use {self.rank + 1}.")
         if self.ffn_width < 0:
             raise AttnshareError(f"The alignment FFN width must be 0 or a positive multiple of H, got {self.ffn_width}.")
+        if self.local_steps < 0:
+            raise AttnshareError(f"The layer-local step count must be zero or positive, got {self.local_steps}.")
         if self.source not in SOURCES:
             raise AttnshareError(f"The LiSA source must be one of {', '.join(SOURCES)}, got '{self.source}'.")
 
@@ -55,6 +58,7 @@ class LiSAPlan(Plan):
             "ffn_width": self.ffn_width,
             "source": self.source,
             "rope": self.rope,
+            "local_steps": self.local_steps,
         }
 
     @classmethod
@@ -66,6 +70,7 @@ class LiSAPlan(Plan):
             ffn_width=int(data.get("ffn_width", 2)),
             source=str(data.get("source", "scores")),
             rope=bool(data.get("rope", True)),
+            local_steps=int(data.get("local_steps", 0)),
         )
 
     def summary(self) -> str:

@@ -76,7 +76,7 @@ def calibration_ids(model: nn.Module, tokens: int) -> torch.Tensor:
     from ...models import load_model, model_identity
 
     try:
-        _, tokenizer = load_model(model_identity(model)["base_model"], num_layers=1)
+        _, tokenizer = load_model(model_identity(model)["base_model"])
         return tokenize_text(tokenizer, load_text("plays")[: 20 * tokens], tokens).view(1, -1)
     except (AttnshareError, OSError, ValueError):
         vocab = model.get_input_embeddings().weight.shape[0]
