@@ -34,14 +34,17 @@ class LiSAConfig:
     )
     local_steps: int = field(
         default=0, metadata={"help": "layer-local first stage: steps fitting each layer to the teacher's attention map "
-                                     "(at most a third of --minutes), before end-to-end distillation"}
+                                     "(at most 2/3 of --minutes), before end-to-end distillation"}
+    )
+    local_repeats: int = field(
+        default=4, metadata={"help": "layer-local stage: optimizer steps per recorded teacher batch"}
     )
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction < 1.0:
             raise AttnshareError(f"--fraction must be between 0 and 1 (exclusive), got {self.fraction}.")
-        if self.rank < 0 or self.ffn_width < 0 or self.local_steps < 0:
-            raise AttnshareError("--rank, --ffn-width and --local-steps must be zero or positive.")
+        if self.rank < 0 or self.ffn_width < 0 or self.local_steps < 0 or self.local_repeats < 1:
+            raise AttnshareError("--rank, --ffn-width and --local-steps must be zero or positive, --local-repeats >= 1.")
         if self.source not in SOURCES:
             raise AttnshareError(f"--source must be one of {', '.join(SOURCES)}, got '{self.source}'.")
 

@@ -18,6 +18,7 @@ from .plan import LiSAPlan
 log = logging.getLogger(__name__)
 
 PARAM_TAG = ".lisa_"  # every new LiSA parameter name contains this
+LOCAL_SHARE = 2 / 3  # most of a time budget the layer-local stage may use (it is ~3x cheaper per step)
 
 
 class LiSA(SharingMethod):
@@ -31,7 +32,8 @@ class LiSA(SharingMethod):
         geo = geometry(model)
         layers = sorted(config.layers) if config.layers else choose_layers(model, config.fraction)
         plan = LiSAPlan(layers=layers, rank=config.rank or default_rank(geo.head_dim), ffn_width=config.ffn_width,
-                        source=config.source, rope=config.rope, local_steps=config.local_steps)
+                        source=config.source, rope=config.rope, local_steps=config.local_steps,
+                        local_repeats=config.local_repeats)
         plan.validate(geo)
         if config.align_heads:
             plan.head_map = head_maps(model, {layer: layer - 1 for layer in layers})
@@ -90,8 +92,8 @@ class LiSA(SharingMethod):
             applied.undo.append(undo)
 
     def fit(self, model: nn.Module, tokenizer, plan: LiSAPlan, config, teacher=None):
-        """Apply, optionally fit each layer to the teacher's attention map (layer-local stage, at most a third of
-        the time budget), then distil the unshared model end to end into the LiSA modules only: next-token KL,
+        """Apply, optionally fit each layer to the teacher's attention map (layer-local stage, at most two thirds
+        of the time budget), then distil the unshared model end to end into the LiSA modules only: next-token KL,
         plus the attention-map KL of each LiSA layer when ``config.attention_kl_weight`` > 0."""
         import dataclasses
         import time
@@ -106,9 +108,9 @@ class LiSA(SharingMethod):
         local: list[float] = []
         if plan.local_steps and not config.resume:  # a resumed run continues from a checkpoint made after it
             start = time.perf_counter()
-            share = config.max_minutes / 3 if config.max_minutes else None
+            share = config.max_minutes * LOCAL_SHARE if config.max_minutes else None
             local = layer_local_fit(model, teacher, plan.layers, load_blocks(config, tokenizer), plan.local_steps,
-                                    config, share)
+                                    config, share, plan.local_repeats)
             if config.max_minutes:
                 left = config.max_minutes - (time.perf_counter() - start) / 60
                 config = dataclasses.replace(config, max_minutes=max(left, 0.05))

@@ -23,6 +23,7 @@ class LiSAPlan(Plan):
     source: str = "scores"  # Z: the donor's masked pre-softmax scores, or its probabilities (combined in log space)
     rope: bool = True  # rotary position embedding on the low-rank q/k
     local_steps: int = 0  # training recipe: steps of the layer-local first stage before end-to-end distillation
+    local_repeats: int = 4  # training recipe: optimizer steps per recorded teacher batch in the layer-local stage
 
     def validate(self, geo: Geometry) -> None:
         for layer in self.layers:
@@ -44,8 +45,8 @@ class LiSAPlan(Plan):
             raise AttnshareError(f"RoPE on the low-rank term needs an even rank, got {self.rank}; use {self.rank + 1}.")
         if self.ffn_width < 0:
             raise AttnshareError(f"The alignment FFN width must be 0 or a positive multiple of H, got {self.ffn_width}.")
-        if self.local_steps < 0:
-            raise AttnshareError(f"The layer-local step count must be zero or positive, got {self.local_steps}.")
+        if self.local_steps < 0 or self.local_repeats < 1:
+            raise AttnshareError("The layer-local steps must be zero or positive and its repeats at least 1.")
         if self.source not in SOURCES:
             raise AttnshareError(f"The LiSA source must be one of {', '.join(SOURCES)}, got '{self.source}'.")
 
@@ -59,6 +60,7 @@ class LiSAPlan(Plan):
             "source": self.source,
             "rope": self.rope,
             "local_steps": self.local_steps,
+            "local_repeats": self.local_repeats,
         }
 
     @classmethod
@@ -71,6 +73,7 @@ class LiSAPlan(Plan):
             source=str(data.get("source", "scores")),
             rope=bool(data.get("rope", True)),
             local_steps=int(data.get("local_steps", 0)),
+            local_repeats=int(data.get("local_repeats", 4)),
         )
 
     def summary(self) -> str:

@@ -121,11 +121,12 @@ def local_loss(model: nn.Module, layers: list[int], maps: dict[int, DonorState],
 
 
 def layer_local_fit(model: nn.Module, teacher: nn.Module, layers: list[int], blocks: torch.Tensor, steps: int,
-                    config, minutes: float | None = None) -> list[float]:
+                    config, minutes: float | None = None, repeats: int = 1) -> list[float]:
     """First stage: fit every LiSA layer to the teacher's attention map at that layer (AdamW, ``config.lr``).
 
-    blocks (N, T) are the training blocks; batches follow the training loop's seeded order. Stops after ``steps``
-    or ``minutes``. Returns the loss per step.
+    blocks (N, T) are the training blocks; batches follow the training loop's seeded order. Each recorded teacher
+    batch serves ``repeats`` optimizer steps (the teacher forward is the expensive part; the LM head is skipped).
+    Stops after ``steps`` optimizer steps or ``minutes``. Returns the loss per step.
     """
     import time
 
@@ -139,9 +140,10 @@ def layer_local_fit(model: nn.Module, teacher: nn.Module, layers: list[int], blo
     start, losses = time.perf_counter(), []
     bar = tqdm(range(steps), desc="lisa local", unit="step", disable=not config.progress)
     for step in bar:
-        ids = blocks[batch_indices(blocks.shape[0], step, 0, 0, 1, config.batch_size, 1, config.seed + 1)]
-        with torch.no_grad(), recording(teacher, need) as (maps, inputs):
-            teacher(input_ids=ids, use_cache=False)
+        if step % repeats == 0:
+            batch = batch_indices(blocks.shape[0], step // repeats, 0, 0, 1, config.batch_size, 1, config.seed + 1)
+            with torch.no_grad(), recording(teacher, need) as (maps, inputs):
+                teacher.get_decoder()(input_ids=blocks[batch], use_cache=False)
         loss = local_loss(model, layers, maps, inputs)
         loss.backward()
         if config.max_grad_norm > 0:
