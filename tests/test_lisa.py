@@ -213,6 +213,16 @@ def test_default_rank_makes_qk_about_six_times_smaller():
     assert original / lisa >= 6
 
 
+def test_size_report_is_exact():
+    from attnshare.methods.lisa.report import lisa_quantities
+
+    model = attnshare.apply(tiny_model("llama"), lisa_plan((2, 3), rank=4, ffn_width=2))
+    q = lisa_quantities(model, probe_tokens=8)
+    assert q["qk_params_per_layer_original"] == 64 * 6 * 16
+    assert q["qk_params_per_layer_lisa"] == 64 * 6 * 4 + 16 + 8 * 9
+    assert q["kv_ratio"] == (2 * 4 * 16 - 2 * (16 - 4)) / (2 * 4 * 16)
+
+
 # --------------------------------------------------------------------------------------------- artifacts
 
 
