@@ -32,6 +32,8 @@ _API = {
     "TrainConfig": "attnshare.training",
     "AttnshareError": "attnshare.errors",
     "load_text": "attnshare.data",
+    "analyze": "attnshare.analysis",
+    "AnalyzeConfig": "attnshare.analysis",
 }
 
 __all__ = sorted(_API)

@@ -18,6 +18,8 @@ COMMANDS: dict[str, str] = {
     "train": "attnshare.cli.train",
     "generate": "attnshare.cli.generate",
     "demo": "attnshare.cli.demo",
+    "analyze": "attnshare.cli.analyze",
+    "plan": "attnshare.cli.plan",
 }
 
 

@@ -26,13 +26,14 @@ class SA(SharingMethod):
             if config.align_heads:
                 from ...analysis.planning import head_maps_for
 
-                plan.head_map = head_maps_for(model, plan.donors)
+                plan.head_map = head_maps_for(model, plan.donors, text=config.calib_text, tokens=config.calib_tokens,
+                                              seq_len=config.calib_seq_len)
             return plan
-        if config.budget:
+        if config.budget or config.kv_saving:
             from ...analysis.planning import plan_sa
 
             return plan_sa(model, config)
-        raise AttnshareError("SA needs --receivers LAYER... or --budget N to choose receiver layers.")
+        raise AttnshareError("SA needs --receivers LAYER..., --budget N or --kv-saving F to choose receiver layers.")
 
     def trainable_parameters(self, model: nn.Module, plan: SAPlan) -> list[tuple[str, nn.Parameter]]:
         """Healing trains the receivers' remaining projections (V and O)."""
