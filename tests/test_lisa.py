@@ -454,6 +454,12 @@ def test_make_plan_with_explicit_layers():
     assert all(sorted(m) == [0, 1, 2, 3] for m in plan.head_map.values())  # permutations
 
 
+def test_make_plan_by_fraction_keeps_layer_zero_standard():
+    model = tiny_model("llama", num_layers=6)
+    plan = attnshare.methods.get_method("lisa").make_plan(model, LiSAConfig(fraction=0.5))
+    assert len(plan.layers) == 3 and 0 not in plan.layers and sorted(plan.head_map) == plan.layers
+
+
 # ----------------------------------------------------------------------------------------------- real model
 
 

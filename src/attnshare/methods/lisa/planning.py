@@ -18,7 +18,8 @@ def choose_layers(model: nn.Module, fraction: float) -> list[int]:
         from ...analysis.planning import choose_lisa_layers
     except ImportError:
         return deepest_layers(geometry(model).num_layers, fraction)
-    return sorted(choose_lisa_layers(model, fraction))
+    seq_len = calibration_seq_len(model)
+    return sorted(choose_lisa_layers(model, fraction, seq_len=seq_len, heldout=seq_len))
 
 
 def head_maps(model: nn.Module, donors: dict[int, int]) -> dict[int, list[int]]:
@@ -27,7 +28,12 @@ def head_maps(model: nn.Module, donors: dict[int, int]) -> dict[int, list[int]]:
         from ...analysis.planning import head_maps_for
     except ImportError:
         return adjacent_head_maps(model, donors)
-    return head_maps_for(model, donors)
+    return head_maps_for(model, donors, seq_len=calibration_seq_len(model))
+
+
+def calibration_seq_len(model: nn.Module) -> int:
+    """The analysis' 512-token calibration windows, shortened for models with a shorter context."""
+    return min(512, getattr(model.config, "max_position_embeddings", None) or 512)
 
 
 def deepest_layers(num_layers: int, fraction: float) -> list[int]:
