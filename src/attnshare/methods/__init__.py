@@ -11,6 +11,7 @@ METHODS: dict[str, str] = {
     "directshare": "attnshare.methods.directshare:DirectShare",
     "postshare": "attnshare.methods.postshare:PostShare",
     "sa": "attnshare.methods.sa:SA",
+    "lisa": "attnshare.methods.lisa:LiSA",
 }
 
 
