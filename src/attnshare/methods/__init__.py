@@ -8,10 +8,10 @@ from ..errors import AttnshareError
 from .base import SharingMethod
 
 METHODS: dict[str, str] = {
-    "directshare": "attnshare.methods.directshare:DirectShare",
-    "postshare": "attnshare.methods.postshare:PostShare",
     "sa": "attnshare.methods.sa:SA",
     "lisa": "attnshare.methods.lisa:LiSA",
+    "directshare": "attnshare.methods.directshare:DirectShare",
+    "postshare": "attnshare.methods.postshare:PostShare",
 }
 
 
