@@ -42,6 +42,8 @@ def test_apply_then_eval_and_generate_from_artifact(tiny_folder, tmp_path, capsy
         (["apply", "--method", "sa", "--receivers", "0", "--out", "X"], "has no earlier non-receiver"),
         (["apply", "--plan", "/nonexistent.json", "--out", "X"], "does not exist"),
         (["generate", "--prompt", " ", "--model", "M"], "The prompt is empty"),
+        (["sweep", "--method", "sa", "--vary", "nope", "--values", "1"], "sa has no setting 'nope'"),
+        (["sweep", "--method", "sa", "--vary", "budget", "--values", "two"], "--values for budget must be int"),
     ],
 )
 def test_cli_bad_input_is_one_sentence(tiny_folder, tmp_path, capsys, argv, message):

@@ -34,6 +34,7 @@ _API = {
     "load_text": "attnshare.data",
     "analyze": "attnshare.analysis",
     "AnalyzeConfig": "attnshare.analysis",
+    "run_bench": "attnshare.bench",
 }
 
 __all__ = sorted(_API)

@@ -167,32 +167,48 @@ def sa_budget(config: SAConfig, num_layers: int) -> int:
 
 
 def plan_sa(model: nn.Module, config: SAConfig, *, progress: bool = True) -> SAPlan:
-    """SA receivers and donors under ``config``'s budget, chosen by measurement.
+    """SA receivers and donors under ``config``'s budget, chosen by measurement (see :func:`plan_sa_curve`)."""
+    budget = sa_budget(config, geometry(model).num_layers)
+    return plan_sa_curve(model, config, [budget], progress=progress)[budget]
+
+
+def plan_sa_curve(model: nn.Module, config: SAConfig, budgets: list[int], *,
+                  progress: bool = True) -> dict[int, SAPlan]:
+    """SA plans for several receiver budgets from ONE greedy selection run up to ``max(budgets)``.
 
     Greedy forward selection: every valid layer is first measured alone (its KL on held-out calibration tokens
     when it reuses its nearest earlier non-receiver); then receivers are added one at a time, each time the
     shortlisted candidate whose addition gives the smallest KL of the whole plan (donors: nearest earlier
-    non-receiver; heads aligned with the Hungarian maps when ``config.align_heads``).
+    non-receiver; heads aligned with the Hungarian maps when ``config.align_heads``). The plan for budget N is the
+    first N receivers chosen, so the plans are nested and cost one selection run in all.
     """
     geo = geometry(model)
-    budget = sa_budget(config, geo.num_layers)
+    for budget in budgets:
+        sa_budget(SAConfig(budget=budget), geo.num_layers)  # range check
+    top = max(budgets)
     probe = PlanProbe(model, text=config.calib_text, tokens=config.calib_tokens, seq_len=config.calib_seq_len,
                       heldout=config.heldout_tokens, progress=progress)
     candidates = probe.valid_receivers([])
-    if len(candidates) < budget:
+    if len(candidates) < top:
         raise AttnshareError(
-            f"Only {len(candidates)} layers of this model can be SA receivers, fewer than the budget of {budget}; "
+            f"Only {len(candidates)} layers of this model can be SA receivers, fewer than the budget of {top}; "
             "ask for fewer receivers."
         )
     aligned = config.align_heads
     single = probe.single_layer(candidates, aligned, desc="SA single-layer sensitivity")
     log.info("SA single-layer KL: %s", {layer: round(d.kl, 4) for layer, d in single.items()})
-    shortlist_size = config.shortlist or budget + 8
-    shortlist = sorted(candidates, key=lambda layer: (single[layer].kl, layer))[:max(shortlist_size, budget)]
+    shortlist_size = config.shortlist or top + 8
+    shortlist = sorted(candidates, key=lambda layer: (single[layer].kl, layer))[:max(shortlist_size, top)]
     best = min(shortlist, key=lambda layer: (single[layer].kl, layer))
     chosen, score = [best], single[best]
-    steps = tqdm(range(budget - 1), desc="SA greedy selection", unit="receiver", disable=not progress, leave=False)
+    plans = {}
+    steps = tqdm(range(top), desc="SA greedy selection", unit="receiver", disable=not progress, leave=False)
     for _ in steps:
+        if len(chosen) in budgets:
+            plans[len(chosen)] = probe.sa_plan(chosen, aligned, fused_prefill=config.fused_prefill)
+            log.info("SA plan %s (KL %.4f, held-out ppl %.3f)", plans[len(chosen)].summary(), score.kl, score.ppl)
+        if len(chosen) == top:
+            break
         options = [layer for layer in probe.valid_receivers(chosen) if layer in shortlist]
         if not options:
             raise AttnshareError(f"No valid SA receiver is left after {chosen}; ask for fewer receivers.")
@@ -200,7 +216,5 @@ def plan_sa(model: nn.Module, config: SAConfig, *, progress: bool = True) -> SAP
         best = min(options, key=lambda layer: (trials[layer].kl, layer))
         chosen.append(best)
         score = trials[best]
-        log.info("SA receivers %s: KL %.4f, held-out ppl %.3f", sorted(chosen), score.kl, score.ppl)
-    plan = probe.sa_plan(chosen, aligned, fused_prefill=config.fused_prefill)
-    log.info("SA plan %s after %d measured plans (KL %.4f)", plan.summary(), probe.measured, score.kl)
-    return plan
+    log.info("SA planning measured %d plans", probe.measured)
+    return plans

@@ -47,6 +47,8 @@ def apply_mask(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mask (B,H,Tq,S) float32 scores; ``None`` means causal aligned to the end of the keys."""
     tq, s = scores.shape[-2:]
     if mask is None:
+        if tq == 1:  # decode: the one query sits at the end and sees every key
+            return scores
         mask = causal_bool_mask(tq, s, scores.device)
     else:
         mask = mask[..., :s]

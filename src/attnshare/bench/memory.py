@@ -1,19 +1,32 @@
-"""Exact memory quantities measured from tensors: KV-cache bytes and parameter bytes."""
+"""Exact memory quantities measured from tensors (KV-cache bytes, parameter bytes) and peak-memory tracking."""
 
 from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Self
 
 import torch
 from torch import nn
 
+log = logging.getLogger(__name__)
+
+
+def layer_cache_bytes(cache) -> list[int]:
+    """Bytes of each cache layer's key and value tensors (zero-width K counts 0)."""
+    out = []
+    for layer in getattr(cache, "layers", []):
+        out.append(sum(
+            t.numel() * t.element_size()
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+            if isinstance(t, torch.Tensor)
+        ))
+    return out
+
 
 def cache_bytes(cache) -> int:
     """Bytes held by a HF cache's key and value tensors, summed over layers (zero-width K counts 0)."""
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+    return sum(layer_cache_bytes(cache))
 
 
 def parameter_bytes(model: nn.Module) -> int:
@@ -24,3 +37,53 @@ def parameter_bytes(model: nn.Module) -> int:
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()
     return total
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """Peak memory of a block above what was in use when it started (activations, cache, temporaries).
+
+    CUDA: the allocator's peak. CPU: the process's peak resident set (Linux ``VmHWM``, reset through
+    ``/proc/self/clear_refs``); where that reset is impossible the value is None rather than a wrong number.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.start = 0
+        self.peak_bytes: int | None = None
+
+    def __enter__(self) -> Self:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            self.resettable = _reset_peak_rss()
+            self.start = (_status_kib("VmRSS") or 0) * 1024
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self.start
+        elif self.resettable:
+            hwm = _status_kib("VmHWM")
+            self.peak_bytes = None if hwm is None else max(hwm * 1024 - self.start, 0)
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_kib("VmHWM") is not None
+    except OSError:
+        log.info("cannot reset the peak resident set size here; peak memory is not reported")
+        return False

@@ -11,15 +11,17 @@ import logging
 import sys
 
 # subcommand -> module (imported only when used, so `attnshare --help` stays fast)
-COMMANDS: dict[str, str] = {
-    "fetch-data": "attnshare.cli.fetch_data",
-    "eval": "attnshare.cli.eval_cmd",
-    "apply": "attnshare.cli.apply",
-    "train": "attnshare.cli.train",
-    "generate": "attnshare.cli.generate",
-    "demo": "attnshare.cli.demo",
+COMMANDS: dict[str, str] = {  # in workflow order (the order --help lists them)
     "analyze": "attnshare.cli.analyze",
     "plan": "attnshare.cli.plan",
+    "apply": "attnshare.cli.apply",
+    "train": "attnshare.cli.train",
+    "sweep": "attnshare.cli.sweep",
+    "eval": "attnshare.cli.eval_cmd",
+    "bench": "attnshare.cli.bench",
+    "generate": "attnshare.cli.generate",
+    "demo": "attnshare.cli.demo",
+    "fetch-data": "attnshare.cli.fetch_data",
 }
 
 

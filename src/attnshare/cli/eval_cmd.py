@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from ..config import add_dataclass_args, dataclass_from_args
 from ..evaluate.suite import EvalConfig
 from .common import add_model_args, load_from_args, print_table, write_json
@@ -12,7 +14,8 @@ def add_parser(sub, name: str) -> None:
         name,
         help="perplexity and zero-shot proxies",
         epilog="examples:\n  attnshare eval --model smollm2-135m --text britannica\n"
-        "  attnshare eval --model out/sa --text hamlet --proxy-items 100 --json out/sa/eval.json",
+        "  attnshare eval --model out/sa --text hamlet --proxy-items 100 --json out/sa/eval.json\n"
+        "  attnshare eval --model out/sa --lm-eval-tasks mytask --lm-eval-include my_tasks/ --proxy-items 0",
         formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
     )
     add_model_args(p)
@@ -28,5 +31,5 @@ def run(args) -> int:
     model, tokenizer = load_from_args(args)
     result = evaluate(model, tokenizer, config)
     print_table([result.summary()])
-    write_json(args.json, {"model": args.model, **result.to_dict()})
+    write_json(args.json, {"model": args.model, "config": asdict(config), **result.to_dict()})
     return 0

@@ -9,6 +9,9 @@ from .base import SharingMethod
 
 METHODS: dict[str, str] = {
     "sa": "attnshare.methods.sa:SA",
+    "lisa": "attnshare.methods.lisa:LiSA",
+    "directshare": "attnshare.methods.directshare:DirectShare",
+    "postshare": "attnshare.methods.postshare:PostShare",
 }
 
 

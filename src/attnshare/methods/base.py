@@ -60,6 +60,10 @@ class SharingMethod(ABC):
     def make_plan(self, model: nn.Module, config: Any) -> Plan:
         """Choose what to share on ``model`` under ``config`` (may run an analysis)."""
 
+    def make_plans(self, model: nn.Module, configs: list[Any]) -> list[Plan]:
+        """Plans for several configs (a budget sweep); methods whose planner can share work override this."""
+        return [self.make_plan(model, config) for config in configs]
+
     @abstractmethod
     def apply(self, model: nn.Module, plan: Plan, state: SharingState, applied: Applied) -> None:
         """Change ``model`` in place; append undo callables to ``applied.undo``."""

@@ -102,7 +102,7 @@ def load_model(
 
     Args:
         name_or_path: an embedded name (``smollm2-135m``), a local folder, or a Hugging Face id already in the
-            local HF cache (nothing is downloaded when ``HF_HUB_OFFLINE=1``).
+            local HF cache (nothing is ever downloaded).
         num_layers: keep only the first ``num_layers`` decoder layers (fast tests and experiments).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -114,22 +114,23 @@ def load_model(
 
         base = read_artifact(name_or_path)["base"]["base_model"]
         model, _ = load(name_or_path, dtype=dtype, device=device)
-        return model, AutoTokenizer.from_pretrained(resolve(base))
+        return model, AutoTokenizer.from_pretrained(resolve(base), local_files_only=True)
     source = resolve(name_or_path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     extra = {"num_hidden_layers": num_layers} if num_layers else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        # Never reach for a hub at run time: folders, the embedded cache, or HF ids already in the local HF cache.
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, attn_implementation=attn_implementation, **extra
+            source, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True, **extra
         )
     except (OSError, ValueError) as e:
         if Path(name_or_path).exists() or name_or_path in EMBEDDED:
             raise AttnshareError(f"Cannot load a model from '{name_or_path}' ({_first_line(e)}).") from e
         raise AttnshareError(
             f"Unknown model '{name_or_path}': use an embedded name ({', '.join(EMBEDDED)}), a local folder, "
-            "or a Hugging Face id that is already in the local cache."
+            "or a Hugging Face id already in the local cache (fetch it first with `hf download ID`)."
         ) from e
     arch_of(model)
     model.name_or_path = name_or_path

@@ -1,12 +1,11 @@
 """`attnshare demo`: analyze -> plan -> apply/train -> evaluate -> bench on one model, written as a report.
 
-The pipeline is a list of steps; each step adds rows (one per variant) and files to a shared :class:`Report`.
-Steps whose method is not installed are skipped with a note, so the demo always runs end to end.
+The pipeline is a list of named steps; each step adds variants (table rows), sections and images to a shared
+:class:`Report`, and the report is rewritten after every step, so an interrupted demo still leaves a valid report.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -17,88 +16,212 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..evaluate.perplexity import PerplexityConfig, perplexity
+from ..errors import AttnshareError
+from ..evaluate.perplexity import PerplexityConfig
+from .variants import Baseline, VariantRow, baseline, measure_plans
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class DemoConfig:
-    """What the demo runs (defaults fit in about 10 minutes on 2 CPU cores)."""
+    """What the demo runs (defaults fit in about 10 minutes on 2 CPU cores once the assets are cached)."""
 
     model: str = field(default="smollm2-135m", metadata={"help": "embedded name, folder or cached HF id"})
     out: str = field(default="report", metadata={"help": "report folder"})
-    ppl_tokens: int = field(default=4096, metadata={"help": "perplexity tokens per variant (Britannica, 1024-token windows)"})
-    sa_budgets: list[int] = field(default_factory=lambda: [2, 4, 8], metadata={"help": "SA receiver counts to plan"})
-    quick: bool = field(default=False, metadata={"help": "smallest settings (smoke test)"})
+    text: str = field(default="britannica", metadata={"help": "evaluation text (perplexity)"})
+    ppl_tokens: int = field(default=4096, metadata={"help": "perplexity tokens per variant (1024-token windows)"})
+    window: int = field(default=1024, metadata={"help": "perplexity window"})
+    proxy_items: int = field(default=100, metadata={"help": "next-sentence proxy items per variant (0 skips)"})
+    calib_tokens: int = field(default=1024, metadata={"help": "calibration tokens (plays) for analysis and planners"})
+    heldout_tokens: int = field(default=256, metadata={"help": "held-out calibration tokens on which planners measure KL"})
+    sa_budgets: list[int] = field(default_factory=lambda: [2, 4, 6], metadata={"help": "SA receiver counts to plan"})
+    lisa_fraction: float = field(default=0.53, metadata={"help": "fraction of layers that become LiSA layers"})
+    lisa_minutes: float = field(
+        default=2.0, metadata={"help": "LiSA training budget; the trained artifact is cached and reused by later runs"}
+    )
+    ds_ratios: list[float] = field(default_factory=lambda: [0.1, 0.3], metadata={"help": "DirectShare ratios"})
+    bench_context: int = field(default=512, metadata={"help": "benchmark prompt tokens (batch 1)"})
+    bench_new_tokens: int = field(default=32, metadata={"help": "benchmark decode steps"})
+    bench_repeats: int = field(default=2, metadata={"help": "benchmark repeats (medians)"})
 
+    def __post_init__(self) -> None:
+        if self.ppl_tokens < self.window or self.window < 2:
+            raise AttnshareError("--ppl-tokens must be at least one --window, and --window at least 2 tokens.")
+        if any(b < 1 for b in self.sa_budgets):
+            raise AttnshareError("--sa-budgets must be positive numbers of receiver layers.")
+        if not 0 < self.lisa_fraction < 1 or not all(0 <= r < 1 for r in self.ds_ratios):
+            raise AttnshareError("--lisa-fraction must lie in (0, 1) and --ds-ratios in [0, 1).")
+        if self.proxy_items < 0 or self.lisa_minutes <= 0 or self.bench_repeats < 1:
+            raise AttnshareError("--proxy-items must be >= 0, --lisa-minutes > 0 and --bench-repeats >= 1.")
 
-@dataclass
-class Variant:
-    """One row of the report: a method/budget and what it costs and saves."""
-
-    name: str
-    method: str
-    ppl: float
-    params: int
-    kv_fraction: float  # KV-cache bytes relative to the base model
-    notes: str = ""
+    def ppl_config(self) -> PerplexityConfig:
+        return PerplexityConfig(text=self.text, window=self.window, max_tokens=self.ppl_tokens, batch_size=4)
 
 
 @dataclass
 class Report:
     config: DemoConfig
-    base_ppl: float = 0.0
-    base_params: int = 0
-    variants: list[Variant] = field(default_factory=list)
+    base: Baseline | None = None
+    variants: list[VariantRow] = field(default_factory=list)
     sections: list[str] = field(default_factory=list)
-    images: list[str] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)  # paths relative to the report folder
     timings: dict[str, float] = field(default_factory=dict)
+    proxy_items: dict[str, list] | None = None
+    bench_variants: list = field(default_factory=list)  # (name, build) pairs for the benchmark step
 
     @property
     def out(self) -> Path:
         return Path(self.config.out)
 
+    def measure(self, model, tokenizer, plans, name: str, method: str, notes: str = "") -> VariantRow:
+        row = measure_plans(model, tokenizer, plans, self.config.ppl_config(), self.base, name=name, method=method,
+                            notes=notes, progress=False, proxy_items=self.proxy_items)
+        self.variants.append(row)
+        return row
+
+    def section(self, title: str, *lines: str) -> None:
+        self.sections += [f"## {title}", "", *lines, ""]
+
 
 Step = Callable[[Report, torch.nn.Module, object], None]
 
 
-def _ppl_config(report: Report) -> PerplexityConfig:
-    return PerplexityConfig(text="britannica", window=1024, max_tokens=report.config.ppl_tokens, batch_size=4)
-
-
-def measure_variant(report: Report, base, tokenizer, plans, name: str, method: str, notes: str = "") -> Variant:
-    """Apply ``plans`` to a copy of the base model and record its perplexity, parameters and KV fraction."""
-    import attnshare
-    from ..bench.memory import cache_bytes
-
-    model = attnshare.apply(copy.deepcopy(base), plans) if plans else base
-    ppl = perplexity(model, tokenizer, _ppl_config(report), progress=False).ppl
-    ids = torch.zeros(1, 16, dtype=torch.long)
-    with torch.no_grad():
-        kv = cache_bytes(model(ids, use_cache=True).past_key_values)
-        base_kv = cache_bytes(base(ids, use_cache=True).past_key_values)
-    variant = Variant(name, method, ppl, model.num_parameters(), kv / base_kv, notes)
-    report.variants.append(variant)
-    return variant
-
-
 def step_base(report: Report, model, tokenizer) -> None:
-    report.base_params = model.num_parameters()
-    report.base_ppl = measure_variant(report, model, tokenizer, [], "base", "base").ppl
+    cfg = report.config
+    if cfg.proxy_items:
+        from ..data import load_text
+        from ..evaluate.proxies import make_proxy_items
+
+        report.proxy_items = make_proxy_items(["next_sentence"], load_text(cfg.text), cfg.proxy_items, 0, cfg.text)
+    report.base = baseline(model, tokenizer, cfg.ppl_config(), progress=False, proxy_items=report.proxy_items)
+
+
+def step_analyze(report: Report, model, tokenizer) -> None:
+    from ..analysis import AnalyzeConfig, analyze
+    from ..analysis.report import save_analysis
+
+    cfg = report.config
+    config = AnalyzeConfig(tokens=cfg.calib_tokens, seq_len=min(512, cfg.calib_tokens), sensitivity_every=3,
+                           heldout_tokens=cfg.heldout_tokens)
+    analysis = analyze(model, config, tokenizer=tokenizer, progress=False)
+    paths = save_analysis(analysis, report.out / "analysis")
+    report.images += [str(p.relative_to(report.out)) for p in paths if p.suffix == ".png"]
+    report.section(
+        "Analysis",
+        f"Attention statistics over {cfg.calib_tokens} calibration tokens of `plays` (sensitivity on every 3rd layer, "
+        f"{cfg.heldout_tokens} held-out tokens); raw numbers in `analysis/analysis.json` and `analysis.safetensors`.",
+    )
+
+
+def _planner_settings(cfg: DemoConfig) -> dict:
+    return {"calib_tokens": cfg.calib_tokens, "calib_seq_len": min(512, cfg.calib_tokens),
+            "heldout_tokens": cfg.heldout_tokens}
 
 
 def step_sa(report: Report, model, tokenizer) -> None:
-    from ..methods.sa import SAPlan
+    from ..methods import get_method
+    from ..methods.sa import SAConfig, SAPlan
 
-    span = SAPlan(donors={23: 22, 24: 22, 25: 22, 26: 22})
-    if model.config.num_hidden_layers == 30:
-        measure_variant(report, model, tokenizer, span, "sa paper span 23-26<-22", "sa", "paper-style fixed span")
+    cfg, sa = report.config, get_method("sa")
+    budgets = [b for b in cfg.sa_budgets if b < model.config.num_hidden_layers]
+    configs = [SAConfig(budget=b, align_heads=True, **_planner_settings(cfg)) for b in budgets]
+    for budget, plan in zip(budgets, sa.make_plans(model, configs)):
+        report.measure(model, tokenizer, plan, f"sa {budget} receivers", "sa", "planner, aligned heads")
+        report.bench_variants.append((f"sa {budget}", [plan]))
+    if model.config.num_hidden_layers == 30:  # the paper's style of fixed late span, for comparison
+        span = SAPlan(donors={23: 22, 24: 22, 25: 22, 26: 22})
+        report.measure(model, tokenizer, span, "sa span 23-26<-22", "sa", "paper-style fixed span")
+
+
+def step_lisa(report: Report, model, tokenizer) -> None:
+    import copy
+
+    import attnshare
+    from ..methods import get_method
+    from ..models import model_identity
+    from ..paths import cache_dir
+    from ..training import TrainConfig
+    from .variants import measure
+
+    cfg, lisa = report.config, get_method("lisa")
+    key = f"{model_identity(model)['fingerprint']}-f{cfg.lisa_fraction:g}-m{cfg.lisa_minutes:g}-c{cfg.calib_tokens}"
+    cached = cache_dir() / "demo" / f"lisa-{key}"
+    if (cached / "attnshare.json").is_file():
+        shared, _ = attnshare.load(cached, model=copy.deepcopy(model))
+        notes = f"trained {cfg.lisa_minutes:g} min (cached artifact)"
+    else:
+        config = lisa.config_cls(fraction=cfg.lisa_fraction, **_lisa_settings(lisa, cfg))
+        plan = lisa.make_plan(model, config)
+        shared = copy.deepcopy(model)
+        train = TrainConfig(max_minutes=cfg.lisa_minutes, max_steps=100_000, progress=False)
+        result = attnshare.train(shared, tokenizer, plan, train)
+        attnshare.save(shared, cached)
+        notes = f"trained {result.seconds / 60:.1f} min, {result.steps} steps"
+    row = measure(shared, tokenizer, cfg.ppl_config(), report.base, name=f"lisa {cfg.lisa_fraction:g}",
+                  method="lisa", notes=notes, progress=False, proxy_items=report.proxy_items)
+    report.variants.append(row)
+    report.bench_variants.append((f"lisa {cfg.lisa_fraction:g}", cached))
+    del shared
+
+
+def _lisa_settings(lisa, cfg: DemoConfig) -> dict:
+    """The demo's calibration settings, for whichever of them the LiSA config has."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(lisa.config_cls)}
+    return {k: v for k, v in _planner_settings(cfg).items() if k in names}
+
+
+def step_directshare(report: Report, model, tokenizer) -> None:
+    from ..methods import get_method
+
+    ds = get_method("directshare")
+    for ratio in report.config.ds_ratios:
+        plan = ds.make_plan(model, ds.config_cls(ratio=ratio))
+        report.measure(model, tokenizer, plan, f"directshare {ratio:g}", "directshare", "qk match, no training")
+        report.bench_variants.append((f"directshare {ratio:g}", [plan]))
+
+
+def step_bench(report: Report, model, tokenizer) -> None:
+    from ..bench.harness import BenchConfig, artifact_variant, base_variant, get_scenario, plan_variant, run_bench
+
+    cfg = report.config
+    variants = [base_variant(model)]
+    picked = {}  # one variant per method: the largest budget measured
+    for name, what in report.bench_variants:
+        picked[name.split()[0]] = (name, what)
+    for name, what in picked.values():
+        variants.append(artifact_variant(model, what, name) if isinstance(what, Path) else plan_variant(model, what, name))
+    scenario = get_scenario("short", context=cfg.bench_context, new_tokens=cfg.bench_new_tokens)
+    result = run_bench(variants, scenario, BenchConfig(repeats=cfg.bench_repeats, warmup=1, progress=False),
+                       command="attnshare demo")
+    (report.out / "bench.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    report.section("Speed and memory (same process, interleaved)", result.to_markdown())
+
+
+def step_plots(report: Report, model, tokenizer) -> None:
+    from .plots import Point, pareto_plot
+
+    def points(saving: str) -> list[Point]:
+        return [Point(r.method, r.name.removeprefix(r.method).strip(), getattr(r, saving), r.ppl_ratio)
+                for r in report.variants if getattr(r, saving) > 0]
+
+    for saving, label in (("kv_saved", "KV cache"), ("params_saved", "parameters")):
+        if pts := points(saving):
+            path = pareto_plot(pts, report.out / f"pareto_{saving}.png", xlabel=f"{label} saved (%)",
+                               title=f"Quality vs {label} saving ({report.config.model})")
+            report.images.insert(0, path.name)
 
 
 STEPS: list[tuple[str, Step]] = [
     ("base", step_base),
+    ("analyze", step_analyze),
     ("sa", step_sa),
+    ("lisa", step_lisa),
+    ("directshare", step_directshare),
+    ("bench", step_bench),
+    ("plots", step_plots),
 ]
 
 
@@ -117,24 +240,32 @@ def run_demo(config: DemoConfig) -> Report:
 
 
 def write_report(report: Report) -> Path:
-    out = report.out
-    rows = [asdict(v) | {"ppl ratio": v.ppl / report.base_ppl if report.base_ppl else float("nan"),
-                         "params saved": report.base_params - v.params} for v in report.variants]
-    (out / "results.json").write_text(json.dumps({"config": asdict(report.config), "variants": rows,
-                                                  "timings_s": report.timings}, indent=2) + "\n")
-    lines = [
-        f"# attnshare demo report: `{report.config.model}`",
-        "",
-        f"Perplexity: Britannica, first {report.config.ppl_tokens} tokens, 1024-token windows (reduced protocol; "
-        "docs/RESULTS.md has the full 16,384-token protocol).",
-        "",
-        "| variant | method | ppl | ppl ratio | parameters | params saved | KV cache vs base | notes |",
+    out, base, cfg = report.out, report.base, report.config
+    rows = [v.to_dict() for v in report.variants]
+    payload = {"config": asdict(cfg), "base": asdict(base) if base else None, "variants": rows,
+               "timings_s": report.timings}
+    (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    lines = [f"# attnshare demo report: `{cfg.model}`", ""]
+    if base:
+        lines += [
+            f"Base model: perplexity **{base.ppl:.2f}** ({cfg.text}, first {cfg.ppl_tokens} tokens, {cfg.window}-token "
+            f"windows; docs/RESULTS.md uses the full 16,384-token protocol), {base.params:,} parameters, "
+            f"{base.kv_per_token:,.0f} KV-cache bytes per token. Next-sentence accuracy: {cfg.proxy_items} items "
+            "drawn from the same text (chance 25%).", "",
+        ]
+    lines += [
+        "| variant | plan | ppl | × base | next-sentence acc | params saved | KV cache saved | notes |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        lines.append(f"| {r['name']} | {r['method']} | {r['ppl']:.2f} | {r['ppl ratio']:.3f} | {r['params']:,} | "
-                     f"{r['params saved']:,} | {r['kv_fraction']:.3f} | {r['notes']} |")
+    if base:
+        lines.append(f"| base | — | {base.ppl:.2f} | 1.000 | {_acc(base.proxies)} | 0.0% | 0.0% | |")
+    lines += [f"| {r.name} | {r.plan} | {r.ppl:.2f} | {r.ppl_ratio:.3f} | {_acc(r.proxies)} | "
+              f"{100 * r.params_saved:.1f}% | {100 * r.kv_saved:.1f}% | {r.notes} |" for r in report.variants]
     lines += ["", *report.sections, "", *(f"![{Path(i).stem}]({i})" for i in report.images), "",
               "Step timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report.timings.items()), ""]
     (out / "report.md").write_text("\n".join(lines))
     return out / "report.md"
+
+
+def _acc(proxies: dict[str, float]) -> str:
+    return f"{100 * proxies['next_sentence']:.1f}%" if "next_sentence" in proxies else "—"

@@ -35,6 +35,21 @@ class SA(SharingMethod):
             return plan_sa(model, config)
         raise AttnshareError("SA needs --receivers LAYER..., --budget N or --kv-saving F to choose receiver layers.")
 
+    def make_plans(self, model: nn.Module, configs: list[SAConfig]) -> list[SAPlan]:
+        """A receiver-budget sweep costs one greedy selection: the plans of smaller budgets are its prefixes."""
+        import dataclasses
+
+        from ...analysis.planning import plan_sa_curve, sa_budget
+
+        if not configs:
+            return []
+        same = [dataclasses.replace(c, budget=0, kv_saving=0.0) for c in configs]
+        if config_budgets := [c.budget for c in configs if c.budget and not c.receivers]:
+            if len(config_budgets) == len(configs) and all(c == same[0] for c in same):
+                plans = plan_sa_curve(model, configs[0], config_budgets)
+                return [plans[sa_budget(c, geometry(model).num_layers)] for c in configs]
+        return super().make_plans(model, configs)
+
     def trainable_parameters(self, model: nn.Module, plan: SAPlan) -> list[tuple[str, nn.Parameter]]:
         """Healing trains the receivers' remaining projections (V and O)."""
         spec = arch_of(model)

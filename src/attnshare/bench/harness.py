@@ -1,0 +1,504 @@
+"""Speed and memory of base and shared variants in one process (SPEC §6).
+
+Every variant is built up front; then, after warm-up, repeats run the variants interleaved: each variant prefills
+``batch x context`` tokens into a fresh cache (logits for the last token only, as ``generate`` does), then the
+variants run ``new_tokens`` greedy decode steps in lockstep, one step of each in turn (the order rotates every
+repeat), so load changes on a shared machine hit every variant alike. Ratios are the median over repeats of the variant's speed over the base's speed in the same repeat,
+and each sits next to the byte model's ideal ratio (:mod:`.bytemodel`).
+
+Max-batch mode turns KV savings into throughput (as the LiSA paper measures): each variant decodes at the largest
+batch whose parameters + KV cache fit a memory budget. Its cache is built by one batch-1 prefill, tiled over the
+batch (decode speed does not depend on the cached values), so huge batches stay affordable on a CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import AttnshareError
+from . import bytemodel
+from .bytemodel import ModelCosts
+from .memory import PeakMemory, cache_bytes, parameter_bytes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One benchmark shape: ``batch`` sequences, a ``context``-token prompt, then ``new_tokens`` decode steps."""
+
+    name: str
+    batch: int
+    context: int
+    new_tokens: int
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.batch < 1 or self.context < 1 or self.new_tokens < 1:
+            raise AttnshareError(
+                f"Scenario '{self.name}' needs batch, context and new tokens of at least 1 "
+                f"(got {self.batch}, {self.context}, {self.new_tokens})."
+            )
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario("tiny", 1, 32, 8, "smoke test"),
+        Scenario("short", 1, 512, 128, "chat-like: one sequence, short prompt"),
+        Scenario("long", 4, 2048, 128, "CPU long context: KV reads rival weight reads"),
+        Scenario("gpu-long", 32, 4096, 256, "GPU (bf16): KV-dominated decode"),
+    )
+}
+
+
+def get_scenario(name: str, batch: int | None = None, context: int | None = None,
+                 new_tokens: int | None = None) -> Scenario:
+    """A preset by name, with optional overrides of its shape."""
+    if name not in SCENARIOS:
+        raise AttnshareError(f"Unknown scenario '{name}'; choose one of: {', '.join(SCENARIOS)}.")
+    s = SCENARIOS[name]
+    changed = {k: v for k, v in {"batch": batch, "context": context, "new_tokens": new_tokens}.items() if v}
+    if not changed:
+        return s
+    label = s.name + "(" + ",".join(f"{k}={v}" for k, v in changed.items()) + ")"
+    return Scenario(label, changed.get("batch", s.batch), changed.get("context", s.context),
+                    changed.get("new_tokens", s.new_tokens), s.note)
+
+
+@dataclass
+class Variant:
+    """A named model to benchmark; ``build`` returns it (the base, or a copy of the base with plans applied)."""
+
+    name: str
+    build: Callable[[], nn.Module]
+
+
+def base_variant(base: nn.Module, name: str = "base") -> Variant:
+    return Variant(name, lambda: base)
+
+
+def plan_variant(base: nn.Module, plans, name: str | None = None) -> Variant:
+    """A copy of ``base`` with ``plans`` applied (the base itself is left untouched)."""
+    import attnshare
+
+    plans = plans if isinstance(plans, list) else [plans]
+    label = name or "; ".join(p.summary() for p in plans)
+    return Variant(label, lambda: attnshare.apply(copy.deepcopy(base), plans))
+
+
+def artifact_variant(base: nn.Module, path: str | Path, name: str | None = None) -> Variant:
+    """A copy of ``base`` rebuilt from an attnshare artifact (refused if the artifact has another base)."""
+    import attnshare
+
+    from ..api import read_artifact
+
+    read_artifact(path)  # fail on a bad artifact before any model work
+    return Variant(name or Path(path).name, lambda: attnshare.load(path, model=copy.deepcopy(base))[0])
+
+
+@dataclass
+class BenchConfig:
+    """How the benchmark runs (the shape comes from --scenario, optionally overridden)."""
+
+    scenario: str = field(default="short", metadata={"help": "preset shape: " + ", ".join(
+        f"{s.name} (batch {s.batch}, {s.context}+{s.new_tokens})" for s in SCENARIOS.values())})
+    batch: int = field(default=0, metadata={"help": "override the scenario's batch (0: keep)"})
+    context: int = field(default=0, metadata={"help": "override the scenario's prompt length (0: keep)"})
+    new_tokens: int = field(default=0, metadata={"help": "override the scenario's decode steps (0: keep)"})
+    repeats: int = field(default=3, metadata={"help": "measured repeats per variant (medians are reported)"})
+    warmup: int = field(default=1, metadata={"help": "unmeasured warm-up runs per variant (reduced shape on CPU)"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda or auto (cuda when available)"})
+    prefill_batch: int = field(default=0, metadata={
+        "help": "sequences actually prefilled; their cache is tiled over the batch for decode (0: the whole batch; "
+                "1 makes long-context decode affordable on a CPU)"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    max_batch: bool = field(default=False, metadata={
+        "help": "decode each variant at the largest batch whose weights + KV cache fit --memory-budget-gb"})
+    memory_budget_gb: float = field(default=0.0, metadata={"help": "memory budget (GB = 1e9 bytes) for --max-batch"})
+    max_batch_cap: int = field(default=256, metadata={"help": "upper limit on the batch in --max-batch mode"})
+    profile: bool = field(default=False, metadata={
+        "help": "after measuring, profile one more prefill and decode of each variant and add the top ops by self time"})
+    note: str = field(default="", metadata={"help": "machine note recorded with the results (e.g. 'shared with other jobs')"})
+    seed: int = field(default=0, metadata={"help": "seed of the random prompt tokens"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1 or self.warmup < 0:
+            raise AttnshareError("--repeats must be at least 1 and --warmup at least 0.")
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise AttnshareError(f"--device must be cpu, cuda or auto, not '{self.device}'.")
+        if self.prefill_batch < 0:
+            raise AttnshareError("--prefill-batch must be 0 (the whole batch) or a positive number of sequences.")
+        if self.max_batch and self.memory_budget_gb <= 0:
+            raise AttnshareError("--max-batch needs --memory-budget-gb with a positive budget in GB.")
+
+
+@dataclass
+class Sample:
+    """One measured run of one variant."""
+
+    prefill_s: float
+    decode_s: float
+    peak_bytes: int | None
+
+
+@dataclass
+class VariantResult:
+    name: str
+    batch: int  # decode batch (differs per variant in max-batch mode)
+    prefill_batch: int
+    params: int
+    param_bytes: int
+    kv_bytes: int  # measured from the cache after the run (batch x (context + new_tokens) tokens)
+    peak_bytes: int | None  # median memory needed beyond the weights: cache + temporaries of the heaviest call
+    prefill_s: float
+    decode_s: float
+    prefill_tok_s: float
+    decode_tok_s: float
+    prefill_ratio: float  # speed vs base, median of per-repeat ratios
+    decode_ratio: float
+    ideal_prefill_ratio: float
+    ideal_decode_ratio: float
+    costs: ModelCosts
+    samples: list[Sample] = field(default_factory=list)
+
+    @property
+    def prefill_of_ideal(self) -> float:
+        return self.prefill_ratio / self.ideal_prefill_ratio
+
+    @property
+    def decode_of_ideal(self) -> float:
+        return self.decode_ratio / self.ideal_decode_ratio
+
+
+@dataclass
+class BenchResult:
+    """Results of one benchmark: renders as a markdown table (``to_markdown``) or JSON (``to_dict``)."""
+
+    scenario: Scenario
+    config: BenchConfig
+    machine: dict
+    variants: list[VariantResult]
+    command: str = ""
+    date: str = field(default_factory=lambda: dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"))
+    profiles: dict[str, dict[str, list[dict]]] = field(default_factory=dict)  # variant -> phase -> top ops
+
+    def rows(self) -> list[dict]:
+        rows = []
+        for v in self.variants:
+            rows.append({
+                "variant": v.name,
+                "batch": v.batch,
+                "params": f"{v.params:,}",
+                "param MB": _mb(v.param_bytes),
+                "KV MB": _mb(v.kv_bytes),
+                "peak MB": "n/a" if v.peak_bytes is None else _mb(v.peak_bytes),
+                "prefill tok/s": f"{v.prefill_tok_s:.1f}",
+                "prefill × (ideal)": f"{v.prefill_ratio:.3f} ({v.ideal_prefill_ratio:.3f})",
+                "decode tok/s": f"{v.decode_tok_s:.2f}",
+                "decode × (ideal)": f"{v.decode_ratio:.3f} ({v.ideal_decode_ratio:.3f})",
+                "decode of ideal": f"{v.decode_of_ideal:.3f}",
+                "gain of ideal": _gain(v.decode_ratio, v.ideal_decode_ratio),
+            })
+        return rows
+
+    def to_markdown(self) -> str:
+        s = self.scenario
+        pb = self.variants[0].prefill_batch
+        mode = (f"max batch under {self.config.memory_budget_gb:g} GB (weights + KV cache); prefill at batch 1"
+                if self.config.max_batch else f"batch {s.batch}")
+        if not self.config.max_batch and pb != s.batch:
+            mode += f" (prefill of {pb} sequence(s), cache tiled to the batch)"
+        m = self.machine
+        lines = [
+            (f"Scenario `{s.name}`: {mode}, prompt {s.context} tokens + {s.new_tokens} new tokens; "
+            f"{self.config.repeats} interleaved repeats after {self.config.warmup} warm-up, medians. "
+            f"Machine: {m['device_name']}, {m['threads']} threads, torch {m['torch']}, transformers "
+            f"{m['transformers']}, {m['dtype']}{'; ' + self.config.note if self.config.note else ''}. "
+            f"Date {self.date}."),
+            "",
+        ]
+        if self.command:
+            lines += [f"Command: `{self.command}`", ""]
+        rows = self.rows()
+        cols = list(rows[0])
+        lines.append("| " + " | ".join(cols) + " |")
+        lines.append("|" + "|".join("---" for _ in cols) + "|")
+        lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+        lines += ["", (
+            "Ratios are speed over the base (>1 is faster), median of per-repeat ratios; ideal = byte model (decode: "
+            "weight + KV bytes read per step; prefill: FLOPs); gain of ideal = (measured - 1) / (ideal - 1). KV MB "
+            "measured from the cache tensors after the run; peak MB = memory needed beyond the weights (cache + "
+            "temporaries of the heaviest call)."
+        )]
+        for name, phases in self.profiles.items():
+            for phase, ops in phases.items():
+                lines += ["", f"Profile of `{name}`, {phase} (top ops by self time):", "",
+                          "| op | self ms | share | calls |", "|---|---|---|---|"]
+                lines += [f"| `{o['op']}` | {o['self_ms']:.1f} | {o['share']:.1%} | {o['calls']} |" for o in ops]
+        return "\n".join(lines) + "\n"
+
+    def to_dict(self) -> dict:
+        out = {
+            "scenario": asdict(self.scenario),
+            "config": asdict(self.config),
+            "machine": self.machine,
+            "command": self.command,
+            "date": self.date,
+            "profiles": self.profiles,
+            "variants": [],
+        }
+        for v in self.variants:
+            d = asdict(v)
+            d["costs"] = v.costs.to_dict()
+            d["prefill_of_ideal"], d["decode_of_ideal"] = v.prefill_of_ideal, v.decode_of_ideal
+            out["variants"].append(d)
+        return out
+
+
+def _gain(measured: float, ideal: float) -> str:
+    """Share of the ideal speed-up that was realised: (measured - 1) / (ideal - 1); n/a when nothing is to gain."""
+    return f"{(measured - 1) / (ideal - 1):.2f}" if abs(ideal - 1) > 1e-3 else "n/a"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f}"
+
+
+# ---- measuring ---------------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise AttnshareError("--device cuda was asked for but no CUDA device is available; use --device cpu.")
+    return torch.device(name)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def tile_cache(cache, repeats: int) -> None:
+    """Repeat every cached sequence ``repeats`` times along the batch, in place.
+
+    (HF's ``batch_repeat_interleave`` skips layers whose keys have zero width, such as SA receivers' V-only slots.)
+    """
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                setattr(layer, name, t.repeat_interleave(repeats, dim=0))  # (B*repeats,Hkv,S,d)
+
+
+class Generation:
+    """One variant's generation in progress: a timed prefill into a fresh cache, then timed decode steps.
+
+    Each call is timed on its own, so the harness can run variants in lockstep (one step of each in turn): load
+    changes on a shared machine then hit every variant alike. ``peak_bytes`` is the most memory this generation
+    needed beyond the weights: its cache plus the temporaries of its heaviest call.
+    """
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, tile: int = 1) -> None:
+        from transformers import DynamicCache
+
+        self.model, self.ids, self.tile = model, ids, tile
+        self.cache = DynamicCache(config=model.config)
+        self.next: torch.Tensor | None = None
+        self.prefill_s = 0.0
+        self.decode_s = 0.0
+        self.peak_bytes: int | None = 0
+
+    def _timed(self, ids: torch.Tensor) -> float:
+        device = ids.device
+        held = cache_bytes(self.cache)
+        with torch.inference_mode(), PeakMemory(device) as peak:
+            _sync(device)
+            start = time.perf_counter()
+            out = self.model(ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            self.next = out.logits[:, -1:].argmax(-1)  # (B,1) greedy
+            _sync(device)
+            elapsed = time.perf_counter() - start
+        if peak.peak_bytes is None or self.peak_bytes is None:
+            self.peak_bytes = None
+        else:
+            self.peak_bytes = max(self.peak_bytes, held + peak.peak_bytes)
+        return elapsed
+
+    def prefill(self) -> None:
+        self.prefill_s = self._timed(self.ids)
+        if self.tile > 1:
+            tile_cache(self.cache, self.tile)
+            self.next = self.next.repeat_interleave(self.tile, dim=0)  # (B*tile,1)
+
+    def step(self) -> None:
+        self.decode_s += self._timed(self.next)
+
+    def sample(self) -> Sample:
+        return Sample(self.prefill_s, self.decode_s, self.peak_bytes)
+
+
+def profile_generation(model: nn.Module, ids: torch.Tensor, tile: int, steps: int, top: int = 8) -> dict[str, list[dict]]:
+    """Top ops by self time of one prefill and of ``steps`` decode steps (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.device.type == "cuda" else [])
+    run = Generation(model, ids, tile)
+    out = {}
+    for phase, work in (("prefill", run.prefill), (f"{steps} decode steps", lambda: [run.step() for _ in range(steps)])):
+        with profile(activities=activities) as prof:
+            work()
+        events = [e for e in prof.key_averages() if e.self_device_time_total or e.self_cpu_time_total]
+        key = "self_device_time_total" if ids.device.type == "cuda" else "self_cpu_time_total"
+        total = sum(getattr(e, key) for e in events) or 1
+        events.sort(key=lambda e: getattr(e, key), reverse=True)
+        out[phase] = [{"op": e.key, "self_ms": getattr(e, key) / 1e3, "share": getattr(e, key) / total, "calls": e.count}
+                      for e in events[:top]]
+    return out
+
+
+def machine_info(device: torch.device, dtype: torch.dtype) -> dict:
+    import transformers
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+        name = f"{name} ({os.cpu_count()} cores)"
+    return {"device": device.type, "device_name": name, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def _prompt(batch: int, length: int, vocab: int, seed: int, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=g).to(device)  # (B,T)
+
+
+def run_bench(variants: list[Variant], scenario: Scenario, config: BenchConfig | None = None,
+              command: str = "") -> BenchResult:
+    """Benchmark ``variants`` (the first one is the reference, normally the base) under ``scenario``."""
+    config = config or BenchConfig()
+    if not variants:
+        raise AttnshareError("Give at least one variant to benchmark.")
+    if len({v.name for v in variants}) != len(variants):
+        raise AttnshareError("Variant names must be distinct; name each --artifact or plan differently.")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    models = []
+    for v in tqdm(variants, desc="build variants", disable=not config.progress):
+        models.append(v.build().to(device).eval())
+    positions = getattr(models[0].config, "max_position_embeddings", None)
+    total = scenario.context + scenario.new_tokens
+    if positions and total > positions:
+        raise AttnshareError(
+            f"The scenario needs {total} positions but the model has {positions}; lower --context or --new-tokens."
+        )
+    costs = [bytemodel.model_costs(m) for m in models]
+    params = [parameter_bytes(m) for m in models]
+    batches = _batches(scenario, config, costs, params)
+    prefill_batch = 1 if config.max_batch else (config.prefill_batch or scenario.batch)
+    if any(b % prefill_batch for b in batches):
+        raise AttnshareError(f"--prefill-batch {prefill_batch} must divide the batch {scenario.batch}.")
+    vocab = models[0].get_input_embeddings().weight.shape[0]
+    ids = _prompt(prefill_batch, scenario.context, vocab, config.seed, device)
+    warm_ids = ids if device.type == "cuda" else ids[:, : min(scenario.context, 64)]
+    warm_new = scenario.new_tokens if device.type == "cuda" else min(scenario.new_tokens, 4)
+
+    n = len(models)
+    samples: list[list[Sample]] = [[] for _ in models]
+    kv = [0] * n
+    bar = tqdm(total=config.warmup * n * (1 + warm_new) + config.repeats * n * (1 + scenario.new_tokens),
+               desc=f"bench {scenario.name}", unit="call", disable=not config.progress)
+    for rep in range(config.warmup + config.repeats):
+        warm = rep < config.warmup
+        order = [(j + rep) % n for j in range(n)]  # rotate the order every repeat
+        runs = [Generation(models[i], warm_ids if warm else ids, batches[i] // prefill_batch) for i in range(n)]
+        for i in order:
+            runs[i].prefill()
+            bar.update()
+        for _ in range(warm_new if warm else scenario.new_tokens):  # lockstep: one step of every variant in turn
+            for i in order:
+                runs[i].step()
+                bar.update()
+        if not warm:
+            for i in order:
+                samples[i].append(runs[i].sample())
+                kv[i] = cache_bytes(runs[i].cache)
+        del runs
+    bar.close()
+
+    profiles = {}
+    if config.profile:
+        for v, m, b in zip(variants, models, batches):
+            profiles[v.name] = profile_generation(m, ids, b // prefill_batch, min(scenario.new_tokens, 8))
+
+    results = []
+    for i, (v, m) in enumerate(zip(variants, models)):
+        results.append(_summarise(v.name, m, samples, i, kv[i], costs, params, batches, prefill_batch, scenario))
+    machine = machine_info(device, next(models[0].parameters()).dtype)
+    return BenchResult(scenario, config, machine, results, command, profiles=profiles)
+
+
+def _batches(scenario: Scenario, config: BenchConfig, costs: list[ModelCosts], params: list[int]) -> list[int]:
+    if not config.max_batch:
+        return [scenario.batch] * len(costs)
+    budget = int(config.memory_budget_gb * 1e9)
+    tokens = scenario.context + scenario.new_tokens
+    batches = [min(bytemodel.max_batch_under_budget(c, p, tokens, budget), config.max_batch_cap)
+               for c, p in zip(costs, params)]
+    if min(batches) < 1:
+        raise AttnshareError(
+            f"A {config.memory_budget_gb:g} GB budget does not hold the weights plus one sequence's cache; raise "
+            "--memory-budget-gb."
+        )
+    return batches
+
+
+def _summarise(name, model, samples, i, kv, costs, params, batches, prefill_batch, scenario) -> VariantResult:
+    mine, base = samples[i], samples[0]
+    b, b0 = batches[i], batches[0]
+    c = scenario.context
+    prefill_ratio = statistics.median(r.prefill_s / s.prefill_s for s, r in zip(mine, base))
+    # decode speed = tokens/s; batches may differ (max-batch mode), so compare throughputs
+    decode_ratio = statistics.median((b / s.decode_s) / (b0 / r.decode_s) for s, r in zip(mine, base))
+    ideal_prefill = bytemodel.ideal_ratio(bytemodel.prefill_flops(costs[0], prefill_batch, c),
+                                          bytemodel.prefill_flops(costs[i], prefill_batch, c))
+    # throughput ideal: tokens per byte read, over the decode steps (step k attends context + k + 1 keys)
+    base_bytes = bytemodel.decode_bytes(costs[0], b0, c + 1, scenario.new_tokens) / b0
+    my_bytes = bytemodel.decode_bytes(costs[i], b, c + 1, scenario.new_tokens) / b
+    prefill_s = statistics.median(s.prefill_s for s in mine)
+    decode_s = statistics.median(s.decode_s for s in mine)
+    peaks = [s.peak_bytes for s in mine if s.peak_bytes is not None]
+    return VariantResult(
+        name=name, batch=b, prefill_batch=prefill_batch, params=model.num_parameters(), param_bytes=params[i],
+        kv_bytes=kv, peak_bytes=int(statistics.median(peaks)) if peaks else None,
+        prefill_s=prefill_s, decode_s=decode_s,
+        prefill_tok_s=prefill_batch * c / prefill_s, decode_tok_s=b * scenario.new_tokens / decode_s,
+        prefill_ratio=prefill_ratio, decode_ratio=decode_ratio,
+        ideal_prefill_ratio=ideal_prefill, ideal_decode_ratio=bytemodel.ideal_ratio(base_bytes, my_bytes),
+        costs=costs[i], samples=mine,
+    )

@@ -1,0 +1,85 @@
+"""DirectShare: replaced units reuse their root unit's W_q/W_k/W_v (and W_o) slices, stored once in a bank."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...analysis.weights import best_matches, projection_weight, unit_cols, unit_rows, units
+from ...arch import arch_of, attention, geometry
+from ...errors import AttnshareError
+from ..base import Applied, SharingMethod, SharingState
+from ..surgery import detach, reattach
+from .config import DirectShareConfig
+from .modules import ROW_KINDS, GatheredLinear, UnitBank
+from .plan import DirectSharePlan, select_pairs
+
+BANK = "attnshare_unit_bank"  # attribute of the causal LM holding the UnitBank
+
+
+def unit_slice(weight, kind: str, num_units: int, unit: int):
+    """The slice of one unit: q/k/v rows (r, D), o columns (D, r); a view."""
+    return unit_rows(weight, num_units)[unit] if kind in ROW_KINDS else unit_cols(weight, num_units)[unit]
+
+
+class DirectShare(SharingMethod):
+    name = "directshare"
+    config_cls = DirectShareConfig
+    plan_cls = DirectSharePlan
+
+    def make_plan(self, model: nn.Module, config: DirectShareConfig) -> DirectSharePlan:
+        matches = best_matches(model, config.match)
+        return self.plan_cls(pairs=select_pairs(matches, config.ratio), match=config.match, share_o=config.share_o,
+                             ratio=config.ratio)
+
+    def trainable_parameters(self, model: nn.Module, plan: DirectSharePlan) -> list[tuple[str, nn.Parameter]]:
+        """Healing trains the bank: the unique (and therefore shared) unit slices."""
+        return [(n, p) for n, p in model.named_parameters() if n.startswith(BANK + ".")]
+
+    def apply(self, model: nn.Module, plan: DirectSharePlan, state: SharingState, applied: Applied) -> None:
+        if not plan.pairs:
+            return
+        if hasattr(model, BANK):
+            raise AttnshareError("Weight sharing is already applied to this model; unapply it before sharing again.")
+        spec, geo = arch_of(model), geometry(model)
+        num_units = units(geo)
+        kinds = list(ROW_KINDS) + (["o"] if plan.share_o else [])
+        roots = plan.roots
+        weights = {(l, k): projection_weight(model, l, k, spec) for l in plan.layers for k in kinds}  # checks first
+        unique = [(l, u) for l in plan.layers for u in range(num_units) if (l, u) not in roots]
+        rows = {lu: i for i, lu in enumerate(unique)}  # unique unit -> bank row
+        index = {l: [rows[roots.get((l, u), (l, u))] for u in range(num_units)] for l in plan.layers}
+        bank_w, bank_b = {}, {}
+        for k in kinds:
+            slices = [unit_slice(weights[l, k], k, num_units, u) for l, u in rows]
+            bank_w[k] = stack_copy(slices, dim=0 if k in ROW_KINDS else 1)  # q/k/v (N, r, D); o (D, N, r)
+            biases = [getattr(getattr(attention(model, l), getattr(spec, k)), "bias", None) for l, _ in rows]
+            if k in ROW_KINDS and biases[0] is not None:
+                bank_b[k] = stack_copy([biases[i].view(num_units, -1)[u] for i, (_, u) in enumerate(rows)])  # (N, r)
+        bank = UnitBank(bank_w, bank_b)
+        records = []
+        for layer in plan.layers:
+            attn = attention(model, layer)
+            modules = {}
+            for k in kinds:
+                base = getattr(attn, getattr(spec, k))
+                own_bias = base.bias.detach().clone() if k == "o" and base.bias is not None else None
+                modules[getattr(spec, k)] = GatheredLinear(bank, k, index[layer], base.in_features, base.out_features,
+                                                           own_bias)
+            detached = detach(attn, f"{spec.layers}.{layer}.{spec.attn}", list(modules), keep=state.keep_originals)
+            for name, module in modules.items():
+                setattr(attn, name, module)
+            records.append(detached)
+        model.add_module(BANK, bank)
+
+        def undo(records=records):
+            for detached in reversed(records):
+                reattach(detached, state.base_state_dict)
+            delattr(model, BANK)
+
+        applied.undo.append(undo)
+
+
+def stack_copy(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """Stack slices into fresh storage, independent of the base weights (which are then freed)."""
+    return torch.stack([t.detach() for t in tensors], dim=dim)

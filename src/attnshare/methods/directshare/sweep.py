@@ -1,0 +1,69 @@
+"""Measurement harness: DirectShare perplexity for ratios x match functions on one model, in one process.
+
+``python -m attnshare.methods.directshare.sweep --ratios 0.05 0.1 0.2 0.3 --json out/ds-sweep.json``
+
+Each row equals ``attnshare apply --method directshare --ratio R --match M --eval`` (same plan, same SPEC §6
+perplexity protocol); the model is loaded and the base measured once, and every plan is undone before the next.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> int:
+    import attnshare
+    from attnshare.analysis.weights import MATCH_FUNCTIONS, best_matches, match_statistics
+    from attnshare.methods import get_method
+    from attnshare.methods.directshare import DirectShareConfig
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3])
+    p.add_argument("--matches", nargs="+", default=list(MATCH_FUNCTIONS))
+    p.add_argument("--share-o", action="store_true")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--max-tokens", type=int, default=16384, help="perplexity protocol: first N tokens of the text")
+    p.add_argument("--base-from", help="reuse the base perplexity of an earlier results file (same protocol)")
+    p.add_argument("--json", required=True, help="results file, rewritten after every row")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from attnshare.evaluate.perplexity import PerplexityConfig
+
+    protocol = PerplexityConfig(max_tokens=args.max_tokens)
+    model, tok = attnshare.load_model(args.model)
+    if args.base_from:
+        base = json.loads(Path(args.base_from).read_text())["base"]
+        if base["tokens"] != protocol.max_tokens - protocol.max_tokens // protocol.window:
+            raise SystemExit(f"{args.base_from} was measured under another protocol")
+    else:
+        base = attnshare.perplexity(model, tok, protocol, progress=False).to_dict()
+    out = {"model": args.model, "base": base, "stats": {}, "rows": []}
+    params = model.num_parameters()
+    print(f"base ppl {out['base']['ppl']:.3f}", flush=True)
+    method = get_method("directshare")
+    for match in args.matches:
+        out["stats"][match] = match_statistics(best_matches(model, match))
+        for ratio in args.ratios:
+            plan = method.make_plan(model, DirectShareConfig(ratio=ratio, match=match, share_o=args.share_o))
+            attnshare.apply(model, plan, keep_originals=True)
+            start = time.perf_counter()
+            ppl = attnshare.perplexity(model, tok, protocol, progress=False)
+            row = {"match": match, "ratio": ratio, "share_o": args.share_o, "units": len(plan.pairs),
+                   "params saved": params - model.num_parameters(), "ppl": ppl.ppl,
+                   "ppl ratio": ppl.ppl / out["base"]["ppl"], "seconds": time.perf_counter() - start}
+            attnshare.unapply(model)
+            out["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,122 @@
+"""LiSA: apply a plan by replacing attention modules, hooking donors, and train the new modules by distillation."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from ...arch import arch_of, attention, geometry, set_attention
+from ...attention.dispatch import Publisher, clear_hook, install, set_hook
+from ...errors import AttnshareError
+from ..base import Applied, SharingMethod, SharingState
+from ..surgery import detach, reattach
+from .config import LiSAConfig, default_rank
+from .modules import LiSAAttention
+from .plan import LiSAPlan
+
+log = logging.getLogger(__name__)
+
+PARAM_TAG = ".lisa_"  # every new LiSA parameter name contains this
+LOCAL_SHARE = 2 / 3  # most of a time budget the layer-local stage may use (it is ~3x cheaper per step)
+
+
+class LiSA(SharingMethod):
+    name = "lisa"
+    config_cls = LiSAConfig
+    plan_cls = LiSAPlan
+
+    def make_plan(self, model: nn.Module, config: LiSAConfig) -> LiSAPlan:
+        from .planning import choose_layers, head_maps
+
+        geo = geometry(model)
+        layers = sorted(config.layers) if config.layers else choose_layers(model, config.fraction)
+        plan = LiSAPlan(layers=layers, rank=config.rank or default_rank(geo.head_dim), ffn_width=config.ffn_width,
+                        source=config.source, rope=config.rope, local_steps=config.local_steps,
+                        local_repeats=config.local_repeats)
+        plan.validate(geo)
+        if config.align_heads:
+            plan.head_map = head_maps(model, {layer: layer - 1 for layer in layers})
+        return plan
+
+    def lisa_parameters(self, model: nn.Module, plan: LiSAPlan) -> list[tuple[str, nn.Parameter]]:
+        spec = arch_of(model)
+        prefixes = tuple(f"{spec.layers}.{layer}.{spec.attn}." for layer in plan.layers)
+        return [(n, p) for n, p in model.named_parameters() if n.startswith(prefixes) and PARAM_TAG in n]
+
+    def trainable_parameters(self, model: nn.Module, plan: LiSAPlan) -> list[tuple[str, nn.Parameter]]:
+        """Only the alignment FFNs and low-rank projections train; the base model stays frozen."""
+        return self.lisa_parameters(model, plan)
+
+    def artifact_tensors(self, model: nn.Module, plan: LiSAPlan):
+        """All new LiSA tensors (trained or not: the low-rank q starts random), never base weights."""
+        return {n: p for n, p in self.lisa_parameters(model, plan)}
+
+    def apply(self, model: nn.Module, plan: LiSAPlan, state: SharingState, applied: Applied) -> None:
+        spec, geo = arch_of(model), geometry(model)
+        install(model)
+        identity = list(range(geo.num_heads))
+        for layer in sorted(plan.layers):
+            donor = layer - 1
+            if donor not in plan.layers:
+                donor_module = attention(model, donor)
+                hook = getattr(donor_module, "attnshare_hook", None)
+                if isinstance(hook, Publisher):
+                    hook.need_scores, hook.fused_prefill = True, False  # already a donor (SA): also publish scores
+                elif hasattr(donor_module, "context"):
+                    raise AttnshareError(
+                        f"Layer {donor} reuses another layer's attention, so LiSA layer {layer} cannot read it; "
+                        f"apply LiSA before other sharing or drop layer {layer}."
+                    )
+                else:
+                    set_hook(donor_module, Publisher(state.context, donor, need_scores=True, fused_prefill=False))
+            base = attention(model, layer)
+            path = f"{spec.layers}.{layer}.{spec.attn}"
+            removable = [spec.q, spec.k] + (["q_norm", "k_norm"] if spec.qk_norm else [])
+            detached = detach(base, path, removable, keep=state.keep_originals)
+            module = LiSAAttention(
+                base, spec.v, spec.o, layer, state.context, plan.head_map.get(layer, identity),
+                hidden_size=geo.hidden_size, num_kv_heads=geo.num_kv_heads, head_dim=geo.head_dim, rank=plan.rank,
+                ffn_width=plan.ffn_width, source=plan.source, rope=plan.rope,
+            )
+            set_attention(model, layer, module)
+            state.context.add_edge(donor, layer)
+
+            def undo(layer=layer, donor=donor, base=base, detached=detached):
+                reattach(detached, state.base_state_dict)
+                set_attention(model, layer, base)
+                state.context.remove_consumer(layer)
+                if not state.context.publishes(donor) and donor not in plan.layers:
+                    clear_hook(attention(model, donor))
+
+            applied.undo.append(undo)
+
+    def fit(self, model: nn.Module, tokenizer, plan: LiSAPlan, config, teacher=None):
+        """Apply, optionally fit each layer to the teacher's attention map (layer-local stage, at most two thirds
+        of the time budget), then distil the unshared model end to end into the LiSA modules only: next-token KL,
+        plus the attention-map KL of each LiSA layer when ``config.attention_kl_weight`` > 0."""
+        import dataclasses
+        import time
+
+        from ...api import apply
+        from ...training import train_shared
+        from ...training.loop import load_blocks
+        from .training import layer_local_fit, lisa_objective, load_teacher
+
+        apply(model, plan)
+        teacher = teacher if teacher is not None else load_teacher(model)
+        local: list[float] = []
+        if plan.local_steps and not config.resume:  # a resumed run continues from a checkpoint made after it
+            start = time.perf_counter()
+            share = config.max_minutes * LOCAL_SHARE if config.max_minutes else None
+            local = layer_local_fit(model, teacher, plan.layers, load_blocks(config, tokenizer), plan.local_steps,
+                                    config, share, plan.local_repeats)
+            if config.max_minutes:
+                left = config.max_minutes - (time.perf_counter() - start) / 60
+                config = dataclasses.replace(config, max_minutes=max(left, 0.05))
+        objective = lisa_objective(model, teacher, plan.layers, config.distill_temperature,
+                                   config.attention_kl_weight)
+        result = train_shared(model, tokenizer, config, teacher=teacher, objective=objective)
+        if local:
+            result.metrics.update({"local_steps": float(len(local)), "local_first": local[0], "local_last": local[-1]})
+        return result

@@ -1,0 +1,82 @@
+"""The LiSA plan: which layers use LiSA (each reads layer l-1), head alignment and module shapes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ...arch import Geometry
+from ...errors import AttnshareError
+from ...plan import Plan, check_layer, int_keys
+
+SOURCES = ("scores", "probs")
+
+
+@dataclass
+class LiSAPlan(Plan):
+    method = "lisa"
+
+    layers: list[int] = field(default_factory=list)  # LiSA layers; layer l's donor is layer l-1
+    head_map: dict[int, list[int]] = field(default_factory=dict)  # layer -> donor head each head starts from
+    rank: int = 10  # per-head width r of the low-rank Q/K correction
+    ffn_width: int = 2  # hidden width of the alignment FFN, as a multiple of H (0: linear head mixing only)
+    source: str = "scores"  # Z: the donor's masked pre-softmax scores, or its probabilities (combined in log space)
+    rope: bool = True  # rotary position embedding on the low-rank q/k
+    local_steps: int = 0  # training recipe: steps of the layer-local first stage before end-to-end distillation
+    local_repeats: int = 4  # training recipe: optimizer steps per recorded teacher batch in the layer-local stage
+
+    def validate(self, geo: Geometry) -> None:
+        for layer in self.layers:
+            check_layer(layer, geo, "LiSA")
+            if layer == 0:
+                raise AttnshareError("Layer 0 has no previous layer to share from; leave it out of the LiSA layers.")
+        if len(set(self.layers)) != len(self.layers):
+            raise AttnshareError("The LiSA plan lists a layer twice; list each layer once.")
+        for layer, heads in self.head_map.items():
+            if layer not in self.layers:
+                raise AttnshareError(f"The head map names layer {layer}, which is not a LiSA layer in this plan.")
+            if len(heads) != geo.num_heads or not all(0 <= h < geo.num_heads for h in heads):
+                raise AttnshareError(
+                    f"The head map of layer {layer} must list {geo.num_heads} donor heads in 0..{geo.num_heads - 1}."
+                )
+        if not 1 <= self.rank <= geo.head_dim:
+            raise AttnshareError(f"The LiSA rank must be between 1 and the head dim {geo.head_dim}, got {self.rank}.")
+        if self.rope and self.rank % 2:
+            raise AttnshareError(f"RoPE on the low-rank term needs an even rank, got {self.rank}; use {self.rank + 1}.")
+        if self.ffn_width < 0:
+            raise AttnshareError(f"The alignment FFN width must be 0 or a positive multiple of H, got {self.ffn_width}.")
+        if self.local_steps < 0 or self.local_repeats < 1:
+            raise AttnshareError("The layer-local steps must be zero or positive and its repeats at least 1.")
+        if self.source not in SOURCES:
+            raise AttnshareError(f"The LiSA source must be one of {', '.join(SOURCES)}, got '{self.source}'.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "layers": sorted(self.layers),
+            "head_map": {str(r): h for r, h in sorted(self.head_map.items())},
+            "rank": self.rank,
+            "ffn_width": self.ffn_width,
+            "source": self.source,
+            "rope": self.rope,
+            "local_steps": self.local_steps,
+            "local_repeats": self.local_repeats,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LiSAPlan:
+        return cls(
+            layers=sorted(int(x) for x in data.get("layers", [])),
+            head_map={r: [int(h) for h in hs] for r, hs in int_keys(data.get("head_map", {})).items()},
+            rank=int(data.get("rank", 10)),
+            ffn_width=int(data.get("ffn_width", 2)),
+            source=str(data.get("source", "scores")),
+            rope=bool(data.get("rope", True)),
+            local_steps=int(data.get("local_steps", 0)),
+            local_repeats=int(data.get("local_repeats", 4)),
+        )
+
+    def summary(self) -> str:
+        return (f"lisa: {len(self.layers)} layers ({', '.join(map(str, sorted(self.layers)))}), rank {self.rank}, "
+                f"ffn x{self.ffn_width}, {self.source}{', rope' if self.rope else ''}"
+                f"{', aligned' if self.head_map else ''}")

@@ -1,0 +1,47 @@
+"""The demo pipeline end to end on a tiny saved model: every step runs and the report holds every method."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_cli import tiny_folder  # noqa: F401  (fixture)
+
+import attnshare.paths
+from attnshare.cli import main
+from attnshare.errors import AttnshareError
+from attnshare.report.demo import DemoConfig
+
+
+def test_demo_writes_a_report_with_every_method(tiny_folder, tmp_path, monkeypatch, capsys):  # noqa: F811
+    folder, _ = tiny_folder
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(attnshare.paths, "cache_dir", lambda: cache)  # the trained LiSA artifact is cached here
+    out = tmp_path / "report"
+    argv = ["demo", "--model", str(folder), "--out", str(out), "--ppl-tokens", "128", "--window", "64",
+            "--proxy-items", "8", "--calib-tokens", "64", "--heldout-tokens", "32", "--sa-budgets", "1", "2",
+            "--lisa-fraction", "0.5", "--lisa-minutes", "0.02", "--ds-ratios", "0.3", "--bench-context", "16",
+            "--bench-new-tokens", "4", "--bench-repeats", "1"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    methods = [v["method"] for v in results["variants"]]
+    assert methods == ["sa", "sa", "lisa", "directshare"]
+    sa1, sa2 = results["variants"][:2]
+    assert sa1["kv_saved"] == pytest.approx(1 / 8) and sa2["kv_saved"] == pytest.approx(2 / 8)  # L = 4
+    assert results["variants"][3]["params_saved"] > 0
+    report = (out / "report.md").read_text()
+    assert "## Speed and memory" in report and "| lisa 0.5 |" in report
+    for image in ("pareto_kv_saved.png", "pareto_params_saved.png"):
+        assert (out / image).stat().st_size > 1000 and f"]({image})" in report
+    assert list((out / "analysis").glob("*.png"))
+    assert list(cache.glob("demo/lisa-*/attnshare.json"))  # a second run reuses the trained artifact
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "cached artifact" in (out / "report.md").read_text()
+
+
+def test_demo_refuses_bad_settings():
+    with pytest.raises(AttnshareError, match="lisa-fraction"):
+        DemoConfig(lisa_fraction=1.5)
+    with pytest.raises(AttnshareError, match="ppl-tokens"):
+        DemoConfig(ppl_tokens=10, window=64)

@@ -1,0 +1,403 @@
+"""DirectShare: weight similarity, stored-once sharing, parity, artifacts, composition with SA, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import attnshare
+from attnshare.analysis.weights import (
+    MATCH_FUNCTIONS,
+    WeightMatches,
+    best_matches,
+    match_statistics,
+    unit_similarity,
+    unit_vectors,
+    units,
+)
+from attnshare.arch import attention, geometry
+from attnshare.errors import AttnshareError
+
+# ------------------------------------------------------------------------------------------ weight similarity
+
+
+def plant_copy(model, dst: tuple[int, int], src: tuple[int, int], parts=("q", "k", "v")) -> None:
+    """Make unit ``dst`` (layer, unit) an exact copy of unit ``src`` in the given projections."""
+    geo = geometry(model)
+    g, d = geo.group_size, geo.head_dim
+    rows = {"q": g * d, "k": d, "v": d}
+    with torch.no_grad():
+        for p in parts:
+            dst_w = getattr(attention(model, dst[0]), f"{p}_proj").weight
+            src_w = getattr(attention(model, src[0]), f"{p}_proj").weight
+            r = rows[p]
+            dst_w[dst[1] * r : (dst[1] + 1) * r] = src_w[src[1] * r : (src[1] + 1) * r]
+
+
+def test_units_and_kinds():
+    geo = geometry(tiny_model("llama"))
+    assert units(geo) == 2 and geo.group_size == 2
+    assert best_matches(tiny_model("llama")).unit_kind == "kv_group"
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    mha = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4))
+    assert units(geometry(mha)) == 4 and best_matches(mha).unit_kind == "head"
+
+
+def test_match_functions_slice_the_right_weights(arch):
+    model = tiny_model(arch)
+    geo = geometry(model)
+    g, d = geo.group_size, geo.head_dim
+    attn = attention(model, 2)
+    u = 1
+    q = attn.q_proj.weight[u * g * d : (u + 1) * g * d]
+    k = attn.k_proj.weight[u * d : (u + 1) * d]
+    v = attn.v_proj.weight[u * d : (u + 1) * d]
+    o = attn.o_proj.weight[:, u * g * d : (u + 1) * g * d]
+    expected = {"q": q, "k": k, "v": v, "qk": torch.cat([q, k]), "qkv": torch.cat([q, k, v]), "o": o}
+    assert set(MATCH_FUNCTIONS) == set(expected)
+    for name, ref in expected.items():
+        got = unit_vectors(model, 2, name)
+        assert got.shape == (units(geo), ref.numel())
+        assert torch.equal(got[u], ref.flatten().float()), name
+
+
+def test_unit_similarity_is_cosine():
+    model = tiny_model("qwen2")
+    sim = unit_similarity(model, 1, 1)
+    torch.testing.assert_close(sim.diagonal(), torch.ones(2))
+    a, b = unit_vectors(model, 1, "qk"), unit_vectors(model, 3, "qk")
+    ref = torch.nn.functional.cosine_similarity(a[0], b[1], dim=0)
+    torch.testing.assert_close(unit_similarity(model, 1, 3)[0, 1], ref)
+
+
+def test_best_matches_find_a_planted_copy(arch):
+    model = tiny_model(arch)
+    plant_copy(model, (3, 1), (1, 0))
+    m = best_matches(model, "qk")
+    assert m.score.shape == (4, 2) and m.layer.dtype == torch.long
+    assert torch.isnan(m.score[0]).all() and (m.layer[0] == -1).all() and (m.unit[0] == -1).all()
+    assert math.isclose(float(m.score[3, 1]), 1.0, rel_tol=1e-5)
+    assert (int(m.layer[3, 1]), int(m.unit[3, 1])) == (1, 0)
+    assert (m.layer[1:] < torch.arange(1, 4).unsqueeze(1)).all()  # always an earlier layer
+    stats = match_statistics(m)
+    assert stats["max"] == pytest.approx(1.0, rel=1e-5) and stats["units"] == 6
+    back = WeightMatches.from_dict(json.loads(json.dumps(m.to_dict())))
+    assert torch.equal(back.layer, m.layer) and torch.equal(back.unit, m.unit)
+    torch.testing.assert_close(back.score, m.score, equal_nan=True)
+
+
+def test_unknown_match_function_is_refused():
+    with pytest.raises(AttnshareError, match="Unknown match function 'qq'"):
+        best_matches(tiny_model("llama"), "qq")
+
+
+def test_similarity_needs_the_projections():
+    from attnshare.methods.sa import SAPlan
+
+    model = attnshare.apply(tiny_model("llama"), SAPlan(donors={2: 1}))
+    with pytest.raises(AttnshareError, match="Layer 2 has no q_proj weights"):
+        best_matches(model, "qk")
+    assert best_matches(model, "v").layer.shape == (4, 2)  # v is still there
+
+
+# ----------------------------------------------------------------------------------------- planning and chains
+
+
+def ds_plan(model, ratio=0.5, match="qk", share_o=False):
+    from attnshare.methods import get_method
+    from attnshare.methods.directshare import DirectShareConfig
+
+    return get_method("directshare").make_plan(model, DirectShareConfig(ratio=ratio, match=match, share_o=share_o))
+
+
+def hand_matches(score, layer, unit) -> WeightMatches:
+    return WeightMatches(torch.tensor(score, dtype=torch.float32), torch.tensor(layer), torch.tensor(unit), "qk",
+                         "kv_group")
+
+
+def test_select_pairs_ranks_and_resolves_chains_to_roots():
+    from attnshare.methods.directshare import select_pairs
+
+    nan = float("nan")
+    # chain (3,0) -> (2,1) -> (1,0) -> (0,1); (3,1) -> (2,0) which stays unreplaced
+    matches = hand_matches(
+        [[nan, nan], [0.9, 0.1], [0.2, 0.8], [0.7, 0.5]],
+        [[-1, -1], [0, 0], [0, 1], [2, 2]],
+        [[-1, -1], [1, 0], [0, 0], [1, 0]],
+    )
+    assert select_pairs(matches, 0.0) == []
+    assert select_pairs(matches, 0.125) == [(1, 0, 0, 1)]  # N = floor(0.125 * 8) = 1: the top score
+    # N = 4: (1,0) .9, (2,1) .8, (3,0) .7, (3,1) .5 replaced; (3,0)'s chain ends at (0,1), (3,1) -> (2,0) is a root
+    assert select_pairs(matches, 0.5) == [(1, 0, 0, 1), (2, 1, 0, 1), (3, 0, 0, 1), (3, 1, 2, 0)]
+    # ties rank by (layer, unit), so equal scores never depend on iteration order
+    tied = hand_matches([[nan, nan], [0.5, 0.5], [0.5, 0.5]], [[-1, -1], [0, 0], [0, 0]], [[-1, -1], [0, 0], [0, 0]])
+    assert select_pairs(tied, 0.34) == [(1, 0, 0, 0), (1, 1, 0, 0)]
+
+
+def test_planted_chain_on_real_weights(arch):
+    """(2,0) copies (1,1) which nearly copies (0,0): both are replaced and both end up sharing (0,0)'s weights."""
+    model = tiny_model(arch)
+    plant_copy(model, (1, 1), (0, 0))
+    with torch.no_grad():  # make (1,1) a near copy so (2,0)'s best match is (1,1), not (0,0)
+        for p in ("q", "k", "v"):
+            w = getattr(attention(model, 1), f"{p}_proj").weight
+            rows = w.shape[0] // 2
+            w[rows:] += 0.01 * torch.randn_like(w[rows:])
+    plant_copy(model, (2, 0), (1, 1))
+    m = best_matches(model)
+    assert (int(m.layer[2, 0]), int(m.unit[2, 0])) == (1, 1) and (int(m.layer[1, 1]), int(m.unit[1, 1])) == (0, 0)
+    plan = ds_plan(model, ratio=0.25)  # N = 2: the two planted units
+    assert plan.pairs == [(1, 1, 0, 0), (2, 0, 0, 0)]
+    assert plan.layers == [0, 1, 2]
+
+
+# ------------------------------------------------------------------------------------- parity and real savings
+
+
+def unit_params(model, share_o: bool) -> int:
+    """Parameters of one unit: its q/k/v rows (and biases), plus its o_proj columns with share_o."""
+    geo = geometry(model)
+    attn = attention(model, 0)
+    r_q, r_kv = geo.group_size * geo.head_dim, geo.head_dim
+    n = (r_q + 2 * r_kv) * geo.hidden_size
+    n += (r_q + 2 * r_kv) if attn.q_proj.bias is not None else 0
+    return n + (geo.hidden_size * r_q if share_o else 0)
+
+
+def shared_reference(model, plan):
+    """The base model with each replaced unit's slices overwritten by its root's (what sharing must compute)."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    for layer, unit, root_layer, root_unit in plan.pairs:
+        plant_copy(ref, (layer, unit), (root_layer, root_unit))
+        geo = geometry(ref)
+        r = geo.group_size * geo.head_dim
+        with torch.no_grad():
+            for p, rows in (("q", r), ("k", geo.head_dim), ("v", geo.head_dim)):
+                b_dst = getattr(attention(ref, layer), f"{p}_proj").bias
+                if b_dst is not None:
+                    b_src = getattr(attention(ref, root_layer), f"{p}_proj").bias
+                    b_dst[unit * rows : (unit + 1) * rows] = b_src[root_unit * rows : (root_unit + 1) * rows]
+            if plan.share_o:
+                o_dst, o_src = attention(ref, layer).o_proj.weight, attention(ref, root_layer).o_proj.weight
+                o_dst[:, unit * r : (unit + 1) * r] = o_src[:, root_unit * r : (root_unit + 1) * r]
+    return ref
+
+
+def test_ratio_zero_is_the_base_model_exactly(arch):
+    from helpers import logits, random_ids
+
+    model = tiny_model(arch)
+    ids = random_ids(2, 20)
+    ref, params = logits(model, ids), model.num_parameters()
+    plan = ds_plan(model, ratio=0.0)
+    assert plan.pairs == []
+    attnshare.apply(model, plan)
+    assert torch.equal(logits(model, ids), ref) and model.num_parameters() == params
+
+
+@pytest.mark.parametrize("share_o", [False, True])
+def test_shared_units_are_stored_once_and_compute_the_copied_model(arch, share_o):
+    from helpers import logits, random_ids
+
+    from attnshare.methods.directshare import BANK, GatheredLinear
+
+    model = tiny_model(arch, num_layers=6)
+    plan = ds_plan(model, ratio=0.4, share_o=share_o)  # N = floor(0.4 * 6 * 2) = 4
+    assert len(plan.pairs) == 4
+    ref = shared_reference(model, plan)
+    params, unit = model.num_parameters(), unit_params(model, share_o)
+    ids = random_ids(2, 20)
+    attnshare.apply(model, plan)
+    assert model.num_parameters() == params - 4 * unit  # exactly the replaced units' parameters are gone
+    tensors = list(model.parameters())
+    assert not any(p.is_meta for p in tensors)
+    storage = sum(p.untyped_storage().nbytes() for p in {p.untyped_storage().data_ptr(): p for p in tensors}.values())
+    assert storage == (params - 4 * unit) * 4  # the freed weights hold no memory (fp32)
+    for layer in plan.layers:
+        attn = attention(model, layer)
+        assert isinstance(attn.q_proj, GatheredLinear) and isinstance(attn.o_proj, GatheredLinear) == share_o
+        assert not any(n.startswith(("q_proj.", "k_proj.", "v_proj.")) for n, _ in attn.named_parameters())
+    assert getattr(model, BANK).q.shape[0] == len(plan.layers) * 2 - 4
+    torch.testing.assert_close(logits(model, ids), logits(ref, ids), rtol=1e-5, atol=1e-6)
+    assert best_matches(model).layer.shape == (6, 2)  # similarity still reads the gathered weights
+
+
+def test_generate_with_cache_equals_no_cache_decoding(arch):
+    from helpers import greedy_generate, greedy_no_cache, random_ids
+
+    model = tiny_model(arch, num_layers=6)
+    attnshare.apply(model, ds_plan(model, ratio=0.4, share_o=True))
+    ids = random_ids(2, 10, seed=1)
+    assert torch.equal(greedy_generate(model, ids, 24), greedy_no_cache(model, ids, 24))
+
+
+def test_artifact_holds_only_the_plan_and_reloads(arch, tmp_path):
+    from helpers import logits, random_ids
+
+    model = tiny_model(arch)
+    plan = ds_plan(model, ratio=0.5, match="qkv", share_o=True)
+    attnshare.apply(model, plan)
+    ids = random_ids(1, 16)
+    ref = logits(model, ids)
+    out = attnshare.save(model, tmp_path / "art")
+    meta = json.loads((out / "attnshare.json").read_text())
+    assert meta["tensors"] == [] and not (out / "params.safetensors").exists()
+    assert meta["plans"][0]["pairs"] == [list(p) for p in plan.pairs]
+    loaded, _ = attnshare.load(out, model=tiny_model(arch))
+    assert torch.equal(logits(loaded, ids), ref)
+    assert loaded.num_parameters() == model.num_parameters()
+
+
+def test_unapply_restores_the_base(arch):
+    from helpers import logits, random_ids
+
+    base = tiny_model(arch)
+    ids = random_ids(1, 16)
+    ref = logits(base, ids)
+    model = attnshare.apply(tiny_model(arch), ds_plan(base, ratio=0.5, share_o=True), keep_originals=True)
+    attnshare.unapply(model)
+    assert torch.equal(logits(model, ids), ref)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in base.state_dict().items()}
+
+
+def test_directshare_then_sa_keeps_parity(arch, tmp_path):
+    from helpers import greedy_generate, greedy_no_cache, logits, random_ids
+
+    from attnshare.methods.sa import SAPlan
+    from attnshare.methods.sa.plan import nearest_donors
+
+    model = tiny_model(arch, num_layers=6)
+    geo = geometry(model)
+    plans = [ds_plan(model, ratio=0.4), SAPlan(donors=nearest_donors([4, 5], geo))]
+    attnshare.apply(model, plans)
+    ids = random_ids(2, 10, seed=2)
+    assert torch.equal(greedy_generate(model, ids, 16), greedy_no_cache(model, ids, 16))
+    ref = logits(model, ids)
+    out = attnshare.save(model, tmp_path / "art")
+    loaded, _ = attnshare.load(out, model=tiny_model(arch, num_layers=6))
+    assert [p.method for p in attnshare.api.applied_plans(loaded)] == ["directshare", "sa"]
+    assert torch.equal(logits(loaded, ids), ref)
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("ratio", [1.0, -0.1, 1.5])
+def test_ratio_out_of_range_is_one_sentence(ratio):
+    from attnshare.methods.directshare import DirectShareConfig
+
+    with pytest.raises(AttnshareError, match=r"--ratio must be in \[0, 1\)"):
+        DirectShareConfig(ratio=ratio)
+
+
+def test_unknown_match_in_config_and_plan():
+    from attnshare.methods.directshare import DirectShareConfig, DirectSharePlan
+
+    with pytest.raises(AttnshareError, match="Unknown match function 'qv'"):
+        DirectShareConfig(match="qv")
+    with pytest.raises(AttnshareError, match="Unknown match function"):
+        attnshare.apply(tiny_model("llama"), DirectSharePlan(pairs=[(1, 0, 0, 0)], match="x"))
+
+
+def test_model_without_projections_is_refused_and_left_untouched():
+    from helpers import logits, random_ids
+
+    from attnshare.methods.directshare import DirectSharePlan
+    from attnshare.methods.sa import SAPlan
+
+    model = attnshare.apply(tiny_model("llama"), SAPlan(donors={2: 1}))
+    with pytest.raises(AttnshareError, match="Layer 2 has no q_proj weights"):
+        ds_plan(model, ratio=0.3)
+    ids = random_ids(1, 8)
+    ref = logits(model, ids)
+    with pytest.raises(AttnshareError, match="Layer 2 has no q_proj weights"):
+        attnshare.apply(model, DirectSharePlan(pairs=[(3, 0, 2, 1)]))
+    assert torch.equal(logits(model, ids), ref)
+
+
+@pytest.mark.parametrize(
+    "pairs, message",
+    [
+        ([(2, 0, 2, 1)], "a root must be in an earlier layer"),
+        ([(2, 0, 1, 0), (1, 0, 0, 0)], "is replaced itself"),
+        ([(2, 5, 1, 0)], "units 0..1 per layer"),
+        ([(9, 0, 1, 0)], "model has layers 0..3"),
+        ([(2, 0, 1, 0), (2, 0, 0, 0)], "replaces a unit twice"),
+    ],
+)
+def test_bad_plans_are_refused(pairs, message):
+    from attnshare.methods.directshare import DirectSharePlan
+
+    with pytest.raises(AttnshareError, match=message):
+        attnshare.apply(tiny_model("llama"), DirectSharePlan(pairs=pairs))
+
+
+def test_applying_weight_sharing_twice_is_refused():
+    model = tiny_model("llama")
+    attnshare.apply(model, ds_plan(model, ratio=0.25))
+    with pytest.raises(AttnshareError, match="already applied"):
+        attnshare.apply(model, ds_plan(tiny_model("llama"), ratio=0.25))
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_apply_directshare(tmp_path):
+    from test_foundation import _tiny_tokenizer
+
+    from attnshare.cli import main
+
+    folder = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(folder)
+    _tiny_tokenizer().save_pretrained(folder)
+    art = tmp_path / "art"
+    assert main(["apply", "--model", str(folder), "--method", "directshare", "--ratio", "0.25", "--match", "qk",
+                 "--out", str(art)]) == 0
+    report = json.loads((art / "apply.json").read_text())
+    assert report["params saved"] == 2 * unit_params(tiny_model("llama"), False)
+    assert main(["apply", "--model", str(folder), "--method", "directshare", "--ratio", "1", "--out",
+                 str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
+
+
+# -------------------------------------------------------------------------------------------------- real model
+
+
+@pytest.mark.real
+def test_real_smollm2_parameters_drop_exactly(real_model):
+    from helpers import logits
+
+    from attnshare.methods import get_method
+    from attnshare.methods.directshare import DirectShareConfig, DirectSharePlan
+
+    model, tok = real_model
+    plan = get_method("directshare").make_plan(model, DirectShareConfig(ratio=0.1))
+    assert len(plan.pairs) == 9  # floor(0.1 * 30 layers * 3 KV groups)
+    ids = tok("The plays of Shakespeare were printed in folio.", return_tensors="pt").input_ids
+    ref = logits(model, ids)
+    params = model.num_parameters()
+    attnshare.apply(model, plan, keep_originals=True)
+    try:
+        assert params - model.num_parameters() == 9 * (3 * 64 + 64 + 64) * 576
+        assert torch.isfinite(logits(model, ids)).all()
+    finally:
+        attnshare.unapply(model)
+    assert torch.equal(logits(model, ids), ref)
+    assert isinstance(DirectSharePlan.from_dict(plan.to_dict()), DirectSharePlan)
+
+
+def test_runs_of_consecutive_bank_rows():
+    from attnshare.methods.directshare.modules import runs_of
+
+    assert runs_of([5, 6, 2]) == [(5, 2), (2, 1)]
+    assert runs_of([0, 1, 2]) == [(0, 3)]
+    assert runs_of([3, 3]) == [(3, 1), (3, 1)]

@@ -1,0 +1,490 @@
+"""LiSA: identity at init (= aligned direct sharing), cache parity, real savings, artifact, training, bad input.
+
+Run as a script (``python tests/test_lisa.py OUT BATCH``) it is the worker of the 2-process training test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+from conftest import tiny_config, tiny_model
+from helpers import greedy_generate, greedy_no_cache, logits, random_ids
+
+import attnshare
+from attnshare.arch import geometry
+from attnshare.bench.memory import cache_bytes
+from attnshare.errors import AttnshareError
+from attnshare.methods.lisa import LiSAConfig, LiSAPlan, default_rank
+from attnshare.methods.sa import SAPlan
+
+MAPS = {1: [1, 0, 3, 2], 2: [2, 3, 0, 1], 3: [3, 2, 1, 0], 5: [0, 2, 1, 3]}
+
+
+def lisa_plan(layers=(2, 3, 5), **kw) -> LiSAPlan:
+    kw.setdefault("rank", 4)
+    return LiSAPlan(layers=list(layers), head_map={layer: MAPS[layer] for layer in layers}, **kw)
+
+
+def uniform_model(arch: str, num_layers: int = 6):
+    """A tiny model whose layers are all of one window kind (Gemma3 otherwise alternates sliding/full)."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(arch, num_layers)
+    if arch == "gemma3_text":
+        config.layer_types = ["full_attention"] * num_layers
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32).eval()
+
+
+def perturb(model, scale: float = 0.3, seed: int = 0) -> None:
+    """Move every LiSA parameter away from its initialisation (as training would)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lisa_" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+# ------------------------------------------------------------------------------------------------ parity
+
+
+def test_step0_equals_aligned_direct_sharing_exactly(arch):
+    """LiSA at init == SA whose receivers read the chain's root donor through the composed head permutations."""
+    model = attnshare.apply(uniform_model(arch), lisa_plan((2, 3, 5)))
+    composed3 = [MAPS[2][MAPS[3][h]] for h in range(4)]  # layer 3 reads layer 2, which reads layer 1
+    sa = SAPlan(donors={2: 1, 3: 1, 5: 4}, head_map={2: MAPS[2], 3: composed3, 5: MAPS[5]}, fused_prefill=False)
+    reference = attnshare.apply(uniform_model(arch), sa)
+    ids = random_ids(2, 20)
+    assert torch.equal(logits(model, ids), logits(reference, ids))
+
+
+def test_step0_with_probability_source_matches_aligned_sharing():
+    model = attnshare.apply(uniform_model("llama"), lisa_plan((2, 3), source="probs"))
+    sa = SAPlan(donors={2: 1, 3: 1}, head_map={2: MAPS[2], 3: [MAPS[2][MAPS[3][h]] for h in range(4)]})
+    ids = random_ids(2, 20)
+    torch.testing.assert_close(logits(model, ids), logits(attnshare.apply(uniform_model("llama"), sa), ids),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("source, rope", [("scores", True), ("probs", False)])
+def test_generate_with_cache_equals_no_cache_decoding(arch, source, rope):
+    model = attnshare.apply(tiny_model(arch, num_layers=6), lisa_plan((1, 2, 3, 5), source=source, rope=rope))
+    perturb(model)  # a non-zero correction and a non-permutation FFN
+    ids = random_ids(2, 10, seed=1)
+    assert torch.equal(greedy_generate(model, ids, 24), greedy_no_cache(model, ids, 24))
+
+
+def test_one_layer_formula_with_score_source():
+    """Reference check of one LiSA layer: softmax(g(S_donor) + q_lr k_lr^T / sqrt(r) + mask) V o_proj by hand."""
+    import math
+
+    import torch.nn.functional as F
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from attnshare.attention.functional import repeat_kv
+
+    base = tiny_model("llama")
+    model = attnshare.apply(tiny_model("llama"), lisa_plan((3,), rope=False))
+    perturb(model)
+    captured = {}
+    hooks = [
+        base.model.layers[layer].self_attn.register_forward_pre_hook(
+            lambda m, a, kw, layer=layer: captured.__setitem__(layer, kw), with_kwargs=True) for layer in (2, 3)
+    ]
+    ids = random_ids(1, 12)
+    t = ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    with torch.no_grad():
+        base(ids, use_cache=False)
+        for h in hooks:
+            h.remove()
+        donor, x = base.model.layers[2].self_attn, captured[3]["hidden_states"]
+        xd, (cos, sin) = captured[2]["hidden_states"], captured[2]["position_embeddings"]
+        qd = donor.q_proj(xd).view(1, t, 4, 16).transpose(1, 2)
+        kd = donor.k_proj(xd).view(1, t, 2, 16).transpose(1, 2)
+        qd, kd = apply_rotary_pos_emb(qd, kd, cos, sin)
+        z = torch.where(causal, qd @ repeat_kv(kd, 2).transpose(-1, -2) * donor.scaling, 0.0)  # (1,H,T,T)
+        lisa = model.model.layers[3].self_attn
+        g = lisa.lisa_align
+        z = torch.einsum("gh,bhts->bgts", g.skip, z) + torch.einsum(
+            "hm,bmts->bhts", g.down, F.gelu(torch.einsum("mh,bhts->bmts", g.up, z) + g.up_bias[:, None, None]))
+        q = lisa.lisa_q(x).view(1, t, 4, 4).transpose(1, 2)
+        k = repeat_kv(lisa.lisa_k(x).view(1, t, 2, 4).transpose(1, 2), 2)
+        probs = torch.softmax((z + q @ k.transpose(-1, -2) / math.sqrt(4)).masked_fill(~causal, float("-inf")), -1)
+        v = repeat_kv(lisa.v_proj(x).view(1, t, 2, 16).transpose(1, 2), 2)
+        expected = lisa.o_proj((probs @ v).transpose(1, 2).reshape(1, t, -1))
+        got = {}
+        lisa.register_forward_hook(lambda m, a, o: got.__setitem__("o", o[0]))
+        model(ids, use_cache=False)
+    torch.testing.assert_close(got["o"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_one_layer_formula_with_probability_source():
+    """With Z = probabilities the formula above is exact: g(P) in log space plus the low-rank term."""
+    import math
+
+    import torch.nn.functional as F
+
+    from attnshare.attention.functional import repeat_kv
+
+    base = tiny_model("llama", attn_implementation="eager")
+    model = attnshare.apply(tiny_model("llama"), lisa_plan((3,), rope=False, source="probs"))
+    with torch.no_grad():  # keep the FFN output positive so the log stays finite: skip path + small MLP
+        lisa = model.model.layers[3].self_attn
+        lisa.lisa_align.down.normal_(0, 1e-3, generator=torch.Generator().manual_seed(1))
+        lisa.lisa_k.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
+    captured = {}
+    hooks = [
+        base.model.layers[2].self_attn.register_forward_hook(lambda m, a, o: captured.__setitem__("p", o[1])),
+        base.model.layers[3].self_attn.register_forward_pre_hook(
+            lambda m, a, kw: captured.__setitem__("x", kw["hidden_states"]), with_kwargs=True),
+    ]
+    ids = random_ids(1, 12)
+    with torch.no_grad():
+        base(ids, use_cache=False, output_attentions=True)
+        for h in hooks:
+            h.remove()
+        x, t, g = captured["x"], ids.shape[1], lisa.lisa_align
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        p = captured["p"]
+        a = torch.einsum("gh,bhts->bgts", g.skip, p) + torch.einsum(
+            "hm,bmts->bhts", g.down, F.gelu(torch.einsum("mh,bhts->bmts", g.up, p) + g.up_bias[:, None, None]))
+        q = lisa.lisa_q(x).view(1, t, 4, 4).transpose(1, 2)
+        k = repeat_kv(lisa.lisa_k(x).view(1, t, 2, 4).transpose(1, 2), 2)
+        s = a.clamp_min(1e-30).log() + q @ k.transpose(-1, -2) / math.sqrt(4)
+        probs = torch.softmax(s.masked_fill(~causal, float("-inf")), -1)
+        v = repeat_kv(lisa.v_proj(x).view(1, t, 2, 16).transpose(1, 2), 2)
+        expected = lisa.o_proj((probs @ v).transpose(1, 2).reshape(1, t, -1))
+        got = {}
+        lisa.register_forward_hook(lambda m, a, o: got.__setitem__("o", o[0]))
+        model(ids, use_cache=False)
+    torch.testing.assert_close(got["o"], expected, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- savings
+
+
+def test_kv_cache_holds_low_rank_k_exactly(arch):
+    layers, rank, t, b = (1, 2, 3, 5), 4, 20, 2
+    base = tiny_model(arch, num_layers=6)
+    geo = geometry(base)
+    ids = random_ids(b, t)
+    with torch.no_grad():
+        base_bytes = cache_bytes(base(ids, use_cache=True).past_key_values)
+    model = attnshare.apply(tiny_model(arch, num_layers=6), lisa_plan(layers, rank=rank))
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    for layer in layers:
+        assert tuple(cache.layers[layer].keys.shape) == (b, geo.num_kv_heads, cache.layers[layer].values.shape[2], rank)
+    kept = [min(t, 7) if geo.layer_types[layer] == "sliding_attention" else t for layer in layers]
+    per_token_dim = b * geo.num_kv_heads * 4  # bytes per token and unit of head width (fp32)
+    assert base_bytes - cache_bytes(cache) == sum(n * per_token_dim * (geo.head_dim - rank) for n in kept)
+
+
+def test_parameters_really_replaced(arch):
+    base = tiny_model(arch)
+    before = base.num_parameters()
+    geo = geometry(base)
+    attn = base.model.layers[2].self_attn
+    removed = sum(p.numel() for n in ("q_proj", "k_proj", "q_norm", "k_norm") if hasattr(attn, n)
+                  for p in getattr(attn, n).parameters())
+    rank, width, h = 4, 2, geo.num_heads
+    added = geo.hidden_size * (geo.num_heads + geo.num_kv_heads) * rank + h * h + (width * h) * (2 * h + 1)
+    model = attnshare.apply(base, lisa_plan((2, 3), rank=rank, ffn_width=width))
+    assert model.num_parameters() == before - 2 * removed + 2 * added
+    assert not any(".2.self_attn.q_proj" in n or ".3.self_attn.k_proj" in n for n, _ in model.named_parameters())
+
+
+def test_default_rank_makes_qk_about_six_times_smaller():
+    assert default_rank(64) == 10 and default_rank(128) == 20 and default_rank(16) == 2
+    d, h, hkv, dim = 576, 9, 3, 64  # SmolLM2-135M
+    original = d * (h + hkv) * dim
+    lisa = d * (h + hkv) * default_rank(dim) + h * h + 2 * h * (2 * h + 1)
+    assert original / lisa >= 6
+
+
+def test_size_report_is_exact():
+    from attnshare.methods.lisa.report import lisa_quantities
+
+    model = attnshare.apply(tiny_model("llama"), lisa_plan((2, 3), rank=4, ffn_width=2))
+    q = lisa_quantities(model, probe_tokens=8)
+    assert q["qk_params_per_layer_original"] == 64 * 6 * 16
+    assert q["qk_params_per_layer_lisa"] == 64 * 6 * 4 + 16 + 8 * 9
+    assert q["kv_ratio"] == (2 * 4 * 16 - 2 * (16 - 4)) / (2 * 4 * 16)
+
+
+# --------------------------------------------------------------------------------------------- artifacts
+
+
+def test_save_load_reproduces_logits(arch, tmp_path):
+    model = attnshare.apply(tiny_model(arch), lisa_plan((1, 2, 3)))
+    perturb(model)
+    ids = random_ids(2, 16)
+    ref = logits(model, ids)
+    attnshare.save(model, tmp_path / "art")
+    meta = json.loads((tmp_path / "art" / "attnshare.json").read_text())
+    assert meta["tensors"] and all(".lisa_" in name for name in meta["tensors"])  # no base weights stored
+    loaded, _ = attnshare.load(tmp_path / "art", model=tiny_model(arch))
+    assert torch.equal(logits(loaded, ids), ref)
+    assert attnshare.applied_plans(loaded) == [model.attnshare_state.applied[0].plan]
+
+
+def test_unapply_restores_base_exactly():
+    ids = random_ids(1, 16)
+    ref = logits(tiny_model("llama"), ids)
+    model = attnshare.apply(tiny_model("llama"), lisa_plan((2, 3)), keep_originals=True)
+    attnshare.unapply(model)
+    assert torch.equal(logits(model, ids), ref)
+    assert not any(".lisa_" in n for n, _ in model.named_parameters())
+    assert not hasattr(model.model.layers[1].self_attn, "attnshare_hook")
+
+
+def test_plan_json_round_trip(tmp_path):
+    plan = lisa_plan((2, 3), rank=6, ffn_width=0, source="probs", rope=False)
+    attnshare.save_plans(plan, tmp_path / "p.json")
+    assert attnshare.load_plans(tmp_path / "p.json") == [plan]
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def _train_config(**kw):
+    from attnshare.training import TrainConfig
+
+    return TrainConfig(**{"seq_len": 16, "batch_size": 4, "max_steps": 6, "lr": 1e-2, "progress": False, **kw})
+
+
+def _kl(model, teacher, ids) -> float:
+    s, t = logits(model, ids).log_softmax(-1), logits(teacher, ids).log_softmax(-1)
+    return torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean").item()
+
+
+@pytest.mark.parametrize("attention_kl_weight", [0.0, 1.0])
+def test_training_moves_only_lisa_parameters_and_lowers_kl(attention_kl_weight, tmp_path):
+    from attnshare.methods.lisa.training import lisa_objective
+    from attnshare.training import train_shared
+
+    teacher = tiny_model("llama", seed=1)  # another model, so there is a real gap to distil
+    model = attnshare.apply(tiny_model("llama"), lisa_plan((2, 3)))
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    data = random_ids(1, 16 * 4, seed=3).view(-1)  # one global batch: every step sees the same 4 blocks
+    ids = data.view(4, 16)
+    kl_before = _kl(model, teacher, ids)
+    objective = lisa_objective(model, teacher, [2, 3], attention_weight=attention_kl_weight)
+    result = train_shared(model, None, _train_config(max_steps=15, lr=1e-3, attention_kl_weight=attention_kl_weight),
+                          teacher=teacher, objective=objective, data=data)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".lisa_" in n for n in changed)
+    assert result.losses[-1][1] < result.losses[0][1]
+    if not attention_kl_weight:
+        assert _kl(model, teacher, ids) < kl_before
+    assert ("attn_kl" in result.metrics) == (attention_kl_weight > 0)
+    attnshare.save(model, tmp_path / "trained")
+    loaded, _ = attnshare.load(tmp_path / "trained", model=tiny_model("llama"))
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
+
+
+class CharTokenizer:
+    """Stand-in tokenizer for tiny models: one id per character."""
+
+    def __call__(self, text: str, **_) -> dict:
+        return {"input_ids": [ord(c) % 128 for c in text]}
+
+
+def test_fit_through_public_train_and_exact_resume(tmp_path):
+    """attnshare.train runs LiSA's fit; a run killed after step 3 and resumed gives the uninterrupted curve."""
+    from attnshare.methods.lisa import training as lisa_training
+
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question. " * 12)
+    teacher = tiny_model("llama")
+    whole = tiny_model("llama")
+    full = attnshare.train(whole, CharTokenizer(), lisa_plan((2, 3)), _train_config(text=str(text)), teacher=teacher)
+    assert full.steps == 6 and whole.attnshare_state.trained
+
+    real_objective = lisa_training.lisa_objective
+
+    def dying_objective(*args, **kw):  # the process "dies" inside step 4, after the step-3 checkpoint
+        inner, calls = real_objective(*args, **kw), []
+
+        def objective(model, batch, teacher):
+            calls.append(1)
+            if len(calls) == 4:
+                raise KeyboardInterrupt
+            return inner(model, batch, teacher)
+
+        return objective
+
+    config = _train_config(text=str(text), out_dir=str(tmp_path / "ck"), checkpoint_every=3)
+    lisa_training.lisa_objective = dying_objective
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            attnshare.train(tiny_model("llama"), CharTokenizer(), lisa_plan((2, 3)), config, teacher=teacher)
+    finally:
+        lisa_training.lisa_objective = real_objective
+    config.resume = True
+    resumed = attnshare.train(tiny_model("llama"), CharTokenizer(), lisa_plan((2, 3)), config, teacher=teacher)
+    assert [x[1] for x in resumed.losses] == pytest.approx([x[1] for x in full.losses], abs=1e-6)
+
+
+def test_layer_local_stage_fits_teacher_maps_then_end_to_end(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("Now is the winter of our discontent made glorious summer. " * 10)
+    teacher = tiny_model("llama", seed=1)
+    model = tiny_model("llama")
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    plan = lisa_plan((2, 3), local_steps=12)
+    result = attnshare.train(model, CharTokenizer(), plan, _train_config(text=str(text), max_steps=2, lr=3e-3),
+                             teacher=teacher)
+    assert result.metrics["local_steps"] == 12 and result.metrics["local_last"] < result.metrics["local_first"]
+    changed = {n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])}
+    assert not changed  # base weights untouched (LiSA parameters are new)
+    assert teacher.config._attn_implementation == "sdpa" and not hasattr(teacher.model.layers[1].self_attn,
+                                                                           "attnshare_hook")
+
+
+def test_resume_from_checkpoint_of_another_plan_is_refused(tmp_path):
+    from attnshare.training import train_shared
+
+    teacher = tiny_model("llama")
+    data = random_ids(1, 16 * 16, seed=5).view(-1)
+    model = attnshare.apply(tiny_model("llama"), lisa_plan((2, 3)))
+    train_shared(model, None, _train_config(max_steps=2, out_dir=str(tmp_path / "ck")), teacher=teacher, data=data)
+    other = attnshare.apply(tiny_model("llama"), lisa_plan((3,)))
+    with pytest.raises(AttnshareError, match="other|another"):
+        train_shared(other, None, _train_config(max_steps=4, out_dir=str(tmp_path / "ck"), resume=True),
+                     teacher=teacher, data=data)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+    """2 gloo CPU processes with batch 2 each == 1 process with batch 4 (this file run as a worker)."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": ""}
+    worker = str(Path(__file__).resolve())
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), worker, str(tmp_path / "two"), "2"]
+    single = [sys.executable, worker, str(tmp_path / "one"), "4"]
+    for cmd in (launch, single):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+    two, one = (json.loads((tmp_path / k / "result.json").read_text()) for k in ("two", "one"))
+    assert (two["world"], one["world"]) == (2, 1)
+    assert two["losses"] == pytest.approx(one["losses"], abs=1e-5)
+    for key, value in one["params"].items():
+        assert two["params"][key] == pytest.approx(value, abs=1e-5)
+
+
+def _worker(out: Path, batch_size: int) -> None:
+    from accelerate import PartialState
+
+    from attnshare.methods.lisa.training import lisa_objective
+    from attnshare.training import train_shared
+
+    torch.set_num_threads(1)
+    teacher = tiny_model("llama", num_layers=3)
+    model = attnshare.apply(tiny_model("llama", num_layers=3), lisa_plan((1, 2)))
+    data = random_ids(1, 32 * 16, seed=6).view(-1)
+    result = train_shared(model, None, _train_config(batch_size=batch_size, max_steps=3, seed=2), teacher=teacher,
+                          objective=lisa_objective(model, teacher, [1, 2], attention_weight=0.5), data=data)
+    state = PartialState()
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        params = {n: p.detach().sum().item() for n, p in model.named_parameters() if ".lisa_" in n}
+        (out / "result.json").write_text(json.dumps(
+            {"losses": [x[1] for x in result.losses], "world": state.num_processes, "params": params}))
+    state.wait_for_everyone()
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, 1.5, -0.2])
+def test_fraction_out_of_range_is_refused(fraction):
+    with pytest.raises(AttnshareError, match="--fraction must be between 0 and 1"):
+        LiSAConfig(fraction=fraction)
+
+
+def test_training_text_too_short_is_refused():
+    from attnshare.training import train_shared
+
+    model = attnshare.apply(tiny_model("llama"), lisa_plan((2,)))
+    with pytest.raises(AttnshareError, match="fewer than one"):
+        train_shared(model, None, _train_config(), teacher=tiny_model("llama"), data=random_ids(1, 40).view(-1))
+
+
+@pytest.mark.parametrize(
+    "plan, message",
+    [
+        (LiSAPlan(layers=[0, 2]), "Layer 0 has no previous layer"),
+        (LiSAPlan(layers=[2, 9]), "model has layers 0..3"),
+        (LiSAPlan(layers=[2], rank=5), "needs an even rank"),
+        (LiSAPlan(layers=[2], rank=99), "between 1 and the head dim"),
+        (LiSAPlan(layers=[2], head_map={3: [0, 1, 2, 3]}), "not a LiSA layer"),
+        (LiSAPlan(layers=[2], source="logits"), "must be one of"),
+    ],
+)
+def test_bad_plans_are_refused_before_any_change(plan, message):
+    model = tiny_model("llama")
+    with pytest.raises(AttnshareError, match=message):
+        attnshare.apply(model, plan)
+    assert not hasattr(model, "attnshare_state") and model.config._attn_implementation == "sdpa"
+
+
+def test_make_plan_with_explicit_layers():
+    model = tiny_model("llama", num_layers=6)
+    plan = attnshare.methods.get_method("lisa").make_plan(model, LiSAConfig(layers=[3, 4, 5], rank=4))
+    assert plan.layers == [3, 4, 5] and plan.rank == 4 and sorted(plan.head_map) == [3, 4, 5]
+    assert all(sorted(m) == [0, 1, 2, 3] for m in plan.head_map.values())  # permutations
+
+
+def test_make_plan_by_fraction_keeps_layer_zero_standard():
+    model = tiny_model("llama", num_layers=6)
+    plan = attnshare.methods.get_method("lisa").make_plan(model, LiSAConfig(fraction=0.5))
+    assert len(plan.layers) == 3 and 0 not in plan.layers and sorted(plan.head_map) == plan.layers
+
+
+# ----------------------------------------------------------------------------------------------- real model
+
+
+@pytest.mark.real
+def test_real_model_lisa_layers(real_model):
+    import copy
+
+    model, tok = real_model
+    layers = list(range(14, 30))  # 16 of 30 layers
+    plan = LiSAPlan(layers=layers, rank=default_rank(64))
+    shared = attnshare.apply(copy.deepcopy(model), plan)
+    perturb(shared, scale=0.01)
+    ids = tok(["The plays of Shakespeare were first collected", "In the year 1590 the"], return_tensors="pt",
+              padding=True).input_ids
+    assert torch.equal(greedy_generate(shared, ids, 8), greedy_no_cache(shared, ids, 8))
+    attn = model.model.layers[14].self_attn
+    original_qk = attn.q_proj.weight.numel() + attn.k_proj.weight.numel()
+    lisa_qk = sum(p.numel() for n, p in shared.model.layers[14].self_attn.named_parameters() if "lisa_" in n)
+    assert original_qk / lisa_qk >= 6
+    with torch.no_grad():
+        base_kv = cache_bytes(model(ids, use_cache=True).past_key_values)
+        lisa_kv = cache_bytes(shared(ids, use_cache=True).past_key_values)
+    # each LiSA layer keeps k of width r instead of d: (2*30*64 - 16*(64-10)) / (2*30*64) of the bytes
+    assert lisa_kv * 2 * 30 * 64 == base_kv * (2 * 30 * 64 - 16 * (64 - default_rank(64)))
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]), int(sys.argv[2]))
