@@ -44,10 +44,10 @@ class SA(SharingMethod):
         if not configs:
             return []
         same = [dataclasses.replace(c, budget=0, kv_saving=0.0) for c in configs]
-        if config_budgets := [c.budget for c in configs if c.budget and not c.receivers]:
-            if len(config_budgets) == len(configs) and all(c == same[0] for c in same):
-                plans = plan_sa_curve(model, configs[0], config_budgets)
-                return [plans[sa_budget(c, geometry(model).num_layers)] for c in configs]
+        config_budgets = [c.budget for c in configs if c.budget and not c.receivers]
+        if config_budgets and len(config_budgets) == len(configs) and all(c == same[0] for c in same):
+            plans = plan_sa_curve(model, configs[0], config_budgets)
+            return [plans[sa_budget(c, geometry(model).num_layers)] for c in configs]
         return super().make_plans(model, configs)
 
     def trainable_parameters(self, model: nn.Module, plan: SAPlan) -> list[tuple[str, nn.Parameter]]:
