@@ -350,3 +350,19 @@ def test_real_model_head_alignment_beats_identity(real_model):
     assert sorted(perm) == list(range(9))
     aligned = sum(sim[h, perm[h]] for h in range(9)) / 9
     assert aligned >= torch.diagonal(sim).mean() and 0 < float(sim.min()) <= float(sim.max()) <= 1
+
+
+@pytest.mark.parametrize("method, budget, extra", [
+    ("directshare", "0.3", []),
+    ("lisa", "0.5", ["--calib-tokens", "64", "--calib-seq-len", "32", "--heldout-tokens", "32"]),
+])
+def test_plan_cli_budget_reaches_every_method(tiny_folder, tmp_path, method, budget, extra):
+    """--budget sets each method's own budget field (LiSA's fraction, DirectShare's ratio)."""
+    from attnshare.cli import main
+
+    out = tmp_path / f"{method}.json"
+    assert main(["plan", "--model", str(tiny_folder), "--method", method, "--budget", budget, *extra,
+                 "--out", str(out)]) == 0
+    plan = attnshare.load_plans(out)[0]
+    assert plan.method == method
+    plan.validate(geometry(tiny_model("llama", num_layers=6)))
