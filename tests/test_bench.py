@@ -197,3 +197,12 @@ def test_bench_cli_bad_input_is_one_sentence(tiny_folder, capsys, argv, message)
     assert main(["bench", "--model", str(tiny_folder), "--device", "cpu", "--no-progress", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and message in err
+
+
+def test_synthetic_context_builds_the_same_cache_shapes(arch):
+    base = tiny_model(arch)
+    scenario = Scenario("t", batch=2, context=40, new_tokens=2)
+    config = BenchConfig(repeats=1, warmup=0, device="cpu", synthetic_context=8, prefill_batch=1, progress=False)
+    synthetic = run_bench([base_variant(base)], scenario, config).variants[0]
+    real = run_bench([base_variant(base)], scenario, BenchConfig(repeats=1, warmup=0, device="cpu", progress=False))
+    assert synthetic.kv_bytes == real.variants[0].kv_bytes

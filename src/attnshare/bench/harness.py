@@ -125,6 +125,9 @@ class BenchConfig:
     prefill_batch: int = field(default=0, metadata={
         "help": "sequences actually prefilled; their cache is tiled over the batch for decode (0: the whole batch; "
                 "1 makes long-context decode affordable on a CPU)"})
+    synthetic_context: int = field(default=0, metadata={
+        "help": "prefill only this many tokens and repeat their cache along the sequence up to the context (decode "
+                "cost does not depend on cached values; the prefill columns then describe the short prefill; 0: off)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
     max_batch: bool = field(default=False, metadata={
         "help": "decode each variant at the largest batch whose weights + KV cache fit --memory-budget-gb"})
@@ -141,6 +144,8 @@ class BenchConfig:
             raise AttnshareError("--repeats must be at least 1 and --warmup at least 0.")
         if self.device not in ("cpu", "cuda", "auto"):
             raise AttnshareError(f"--device must be cpu, cuda or auto, not '{self.device}'.")
+        if self.synthetic_context < 0:
+            raise AttnshareError("--synthetic-context must be 0 (off) or a positive number of prefilled tokens.")
         if self.prefill_batch < 0:
             raise AttnshareError("--prefill-batch must be 0 (the whole batch) or a positive number of sequences.")
         if self.max_batch and self.memory_budget_gb <= 0:
@@ -223,6 +228,9 @@ class BenchResult:
                 if self.config.max_batch else f"batch {s.batch}")
         if not self.config.max_batch and pb != s.batch:
             mode += f" (prefill of {pb} sequence(s), cache tiled to the batch)"
+        if 0 < self.config.synthetic_context < s.context:
+            mode += (f"; synthetic context: a {self.config.synthetic_context}-token prefill (the prefill columns) "
+                     "repeated along the sequence")
         m = self.machine
         lines = [
             (f"Scenario `{s.name}`: {mode}, prompt {s.context} tokens + {s.new_tokens} new tokens; "
@@ -307,6 +315,23 @@ def tile_cache(cache, repeats: int) -> None:
                 setattr(layer, name, t.repeat_interleave(repeats, dim=0))  # (B*repeats,Hkv,S,d)
 
 
+def extend_cache(cache, length: int) -> None:
+    """Repeat every layer's cached tokens along the sequence until it holds ``length`` tokens, in place.
+
+    Only the shapes matter for a decode-speed measurement; sliding layers keep their window as HF does.
+    """
+    for layer in cache.layers:
+        window = getattr(layer, "sliding_window", None)
+        keep = length if window is None else min(length, window - 1)
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                reps = -(-keep // t.shape[-2])
+                setattr(layer, name, t.repeat(1, 1, reps, 1)[:, :, :keep].contiguous())  # (B,Hkv,keep,d)
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length = length
+
+
 class Generation:
     """One variant's generation in progress: a timed prefill into a fresh cache, then timed decode steps.
 
@@ -315,10 +340,10 @@ class Generation:
     needed beyond the weights: its cache plus the temporaries of its heaviest call.
     """
 
-    def __init__(self, model: nn.Module, ids: torch.Tensor, tile: int = 1) -> None:
+    def __init__(self, model: nn.Module, ids: torch.Tensor, tile: int = 1, context: int = 0) -> None:
         from transformers import DynamicCache
 
-        self.model, self.ids, self.tile = model, ids, tile
+        self.model, self.ids, self.tile, self.context = model, ids, tile, context
         self.cache = DynamicCache(config=model.config)
         self.next: torch.Tensor | None = None
         self.prefill_s = 0.0
@@ -343,6 +368,8 @@ class Generation:
 
     def prefill(self) -> None:
         self.prefill_s = self._timed(self.ids)
+        if self.context > self.ids.shape[1]:
+            extend_cache(self.cache, self.context)
         if self.tile > 1:
             tile_cache(self.cache, self.tile)
             self.next = self.next.repeat_interleave(self.tile, dim=0)  # (B*tile,1)
@@ -354,12 +381,13 @@ class Generation:
         return Sample(self.prefill_s, self.decode_s, self.peak_bytes)
 
 
-def profile_generation(model: nn.Module, ids: torch.Tensor, tile: int, steps: int, top: int = 8) -> dict[str, list[dict]]:
+def profile_generation(model: nn.Module, ids: torch.Tensor, tile: int, steps: int, context: int = 0,
+                       top: int = 8) -> dict[str, list[dict]]:
     """Top ops by self time of one prefill and of ``steps`` decode steps (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.device.type == "cuda" else [])
-    run = Generation(model, ids, tile)
+    run = Generation(model, ids, tile, context)
     out = {}
     for phase, work in (("prefill", run.prefill), (f"{steps} decode steps", lambda: [run.step() for _ in range(steps)])):
         with profile(activities=activities) as prof:
@@ -424,7 +452,8 @@ def run_bench(variants: list[Variant], scenario: Scenario, config: BenchConfig |
     if any(b % prefill_batch for b in batches):
         raise AttnshareError(f"--prefill-batch {prefill_batch} must divide the batch {scenario.batch}.")
     vocab = models[0].get_input_embeddings().weight.shape[0]
-    ids = _prompt(prefill_batch, scenario.context, vocab, config.seed, device)
+    synthetic = scenario.context if 0 < config.synthetic_context < scenario.context else 0
+    ids = _prompt(prefill_batch, config.synthetic_context if synthetic else scenario.context, vocab, config.seed, device)
     warm_ids = ids if device.type == "cuda" else ids[:, : min(scenario.context, 64)]
     warm_new = scenario.new_tokens if device.type == "cuda" else min(scenario.new_tokens, 4)
 
@@ -436,7 +465,8 @@ def run_bench(variants: list[Variant], scenario: Scenario, config: BenchConfig |
     for rep in range(config.warmup + config.repeats):
         warm = rep < config.warmup
         order = [(j + rep) % n for j in range(n)]  # rotate the order every repeat
-        runs = [Generation(models[i], warm_ids if warm else ids, batches[i] // prefill_batch) for i in range(n)]
+        runs = [Generation(models[i], warm_ids if warm else ids, batches[i] // prefill_batch, synthetic)
+                for i in range(n)]
         for i in order:
             runs[i].prefill()
             bar.update()
@@ -454,11 +484,12 @@ def run_bench(variants: list[Variant], scenario: Scenario, config: BenchConfig |
     profiles = {}
     if config.profile:
         for v, m, b in zip(variants, models, batches):
-            profiles[v.name] = profile_generation(m, ids, b // prefill_batch, min(scenario.new_tokens, 8))
+            profiles[v.name] = profile_generation(m, ids, b // prefill_batch, min(scenario.new_tokens, 8), synthetic)
 
     results = []
     for i, (v, m) in enumerate(zip(variants, models)):
-        results.append(_summarise(v.name, m, samples, i, kv[i], costs, params, batches, prefill_batch, scenario))
+        results.append(_summarise(v.name, m, samples, i, kv[i], costs, params, batches, prefill_batch, scenario,
+                                  ids.shape[1]))
     machine = machine_info(device, next(models[0].parameters()).dtype)
     return BenchResult(scenario, config, machine, results, command, profiles=profiles)
 
@@ -478,15 +509,16 @@ def _batches(scenario: Scenario, config: BenchConfig, costs: list[ModelCosts], p
     return batches
 
 
-def _summarise(name, model, samples, i, kv, costs, params, batches, prefill_batch, scenario) -> VariantResult:
+def _summarise(name, model, samples, i, kv, costs, params, batches, prefill_batch, scenario,
+               prefill_tokens) -> VariantResult:
     mine, base = samples[i], samples[0]
     b, b0 = batches[i], batches[0]
     c = scenario.context
     prefill_ratio = statistics.median(r.prefill_s / s.prefill_s for s, r in zip(mine, base))
     # decode speed = tokens/s; batches may differ (max-batch mode), so compare throughputs
     decode_ratio = statistics.median((b / s.decode_s) / (b0 / r.decode_s) for s, r in zip(mine, base))
-    ideal_prefill = bytemodel.ideal_ratio(bytemodel.prefill_flops(costs[0], prefill_batch, c),
-                                          bytemodel.prefill_flops(costs[i], prefill_batch, c))
+    ideal_prefill = bytemodel.ideal_ratio(bytemodel.prefill_flops(costs[0], prefill_batch, prefill_tokens),
+                                          bytemodel.prefill_flops(costs[i], prefill_batch, prefill_tokens))
     # throughput ideal: tokens per byte read, over the decode steps (step k attends context + k + 1 keys)
     base_bytes = bytemodel.decode_bytes(costs[0], b0, c + 1, scenario.new_tokens) / b0
     my_bytes = bytemodel.decode_bytes(costs[i], b, c + 1, scenario.new_tokens) / b
@@ -497,7 +529,7 @@ def _summarise(name, model, samples, i, kv, costs, params, batches, prefill_batc
         name=name, batch=b, prefill_batch=prefill_batch, params=model.num_parameters(), param_bytes=params[i],
         kv_bytes=kv, peak_bytes=int(statistics.median(peaks)) if peaks else None,
         prefill_s=prefill_s, decode_s=decode_s,
-        prefill_tok_s=prefill_batch * c / prefill_s, decode_tok_s=b * scenario.new_tokens / decode_s,
+        prefill_tok_s=prefill_batch * prefill_tokens / prefill_s, decode_tok_s=b * scenario.new_tokens / decode_s,
         prefill_ratio=prefill_ratio, decode_ratio=decode_ratio,
         ideal_prefill_ratio=ideal_prefill, ideal_decode_ratio=bytemodel.ideal_ratio(base_bytes, my_bytes),
         costs=costs[i], samples=mine,
