@@ -14,8 +14,8 @@ from .config import check_training
 class PostSharePlan(DirectSharePlan):
     method = "postshare"
 
-    reg_weight: float = 1.0
-    train_scope: str = "full"
+    reg_weight: float = 100.0
+    train_scope: str = "attention"
     data_term: str = "distill"
 
     def validate(self, geo: Geometry) -> None:
@@ -30,7 +30,7 @@ class PostSharePlan(DirectSharePlan):
     def from_dict(cls, data: dict[str, Any]) -> PostSharePlan:
         base = DirectSharePlan.from_dict(data)
         return cls(pairs=base.pairs, match=base.match, share_o=base.share_o, ratio=base.ratio,
-                   reg_weight=float(data.get("reg_weight", 1.0)), train_scope=str(data.get("train_scope", "full")),
+                   reg_weight=float(data.get("reg_weight", 100.0)), train_scope=str(data.get("train_scope", "attention")),
                    data_term=str(data.get("data_term", "distill")))
 
     def summary(self) -> str:
