@@ -84,6 +84,20 @@ def test_generate_with_cache_equals_no_cache_decoding(arch, source, rope):
     assert torch.equal(greedy_generate(model, ids, 24), greedy_no_cache(model, ids, 24))
 
 
+def test_left_padded_batch_generates_like_each_sequence_alone():
+    model = attnshare.apply(tiny_model("llama", num_layers=6), lisa_plan((1, 2, 3, 5)))
+    perturb(model)
+    short, long = random_ids(1, 7, seed=2), random_ids(1, 12, seed=1)
+    ids = torch.cat([torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1), long])  # (2, 12), row 0 padded
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    kw = {"max_new_tokens": 10, "min_new_tokens": 10, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    with torch.no_grad():
+        both = model.generate(ids, attention_mask=mask, **kw)
+        alone = model.generate(short, attention_mask=torch.ones_like(short), **kw)
+    assert torch.equal(both[0, 12:], alone[0, 7:])
+
+
 def test_one_layer_formula_with_score_source():
     """Reference check of one LiSA layer: softmax(g(S_donor) + q_lr k_lr^T / sqrt(r) + mask) V o_proj by hand."""
     import math

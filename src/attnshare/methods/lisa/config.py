@@ -33,7 +33,7 @@ class LiSAConfig:
         default=True, metadata={"help": "initialise the FFN to the best head permutation (else identity)"}
     )
     local_steps: int = field(
-        default=0, metadata={"help": "layer-local first stage: steps fitting each layer to the teacher's attention map "
+        default=32, metadata={"help": "layer-local first stage: steps fitting each layer to the teacher's attention map "
                                      "(at most 2/3 of --minutes), before end-to-end distillation"}
     )
     local_repeats: int = field(
