@@ -37,7 +37,7 @@ _API = {
     "run_bench": "attnshare.bench",
 }
 
-__all__ = sorted(_API)
+__all__ = list(_API)
 
 
 def __getattr__(name: str):

@@ -51,7 +51,7 @@ def register(base: str) -> str:
 
 def base_implementation(model) -> str:
     impl = model.config._attn_implementation or "eager"
-    return impl[len(PREFIX):] if impl.startswith(PREFIX) else impl
+    return impl.removeprefix(PREFIX)
 
 
 def install(model) -> None:

@@ -26,6 +26,7 @@ def add_parser(sub, name: str) -> None:
 
 def run(args) -> int:
     import attnshare
+
     from ..errors import AttnshareError
 
     if not args.plan and not args.method:

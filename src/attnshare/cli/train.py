@@ -31,6 +31,7 @@ def run(args) -> int:
     from pathlib import Path
 
     import attnshare
+
     from ..config import dataclass_from_args
     from ..errors import AttnshareError
     from ..training import TrainConfig

@@ -138,6 +138,7 @@ def step_lisa(report: Report, model, tokenizer) -> None:
     import copy
 
     import attnshare
+
     from ..methods import get_method
     from ..models import model_identity
     from ..paths import cache_dir
@@ -248,10 +249,11 @@ def write_report(report: Report) -> Path:
     lines = [f"# attnshare demo report: `{cfg.model}`", ""]
     if base:
         lines += [
-            f"Base model: perplexity **{base.ppl:.2f}** ({cfg.text}, first {cfg.ppl_tokens} tokens, {cfg.window}-token "
-            f"windows; docs/RESULTS.md uses the full 16,384-token protocol), {base.params:,} parameters, "
-            f"{base.kv_per_token:,.0f} KV-cache bytes per token. Next-sentence accuracy: {cfg.proxy_items} items "
-            "drawn from the same text (chance 25%).", "",
+            (f"Base model: perplexity **{base.ppl:.2f}** ({cfg.text}, first {cfg.ppl_tokens} tokens, {cfg.window}-token "
+             f"windows; docs/RESULTS.md uses the full 16,384-token protocol), {base.params:,} parameters, "
+             f"{base.kv_per_token:,.0f} KV-cache bytes per token. Next-sentence accuracy: {cfg.proxy_items} items "
+             "drawn from the same text (chance 25%)."),
+            "",
         ]
     lines += [
         "| variant | plan | ppl | × base | next-sentence acc | params saved | KV cache saved | notes |",

@@ -1,7 +1,6 @@
 """One training loop (accelerate) for LiSA, SA healing and PostShare: configs, losses, objectives, checkpoints."""
 
 from .loop import TrainConfig, TrainResult, batch_indices, latest_checkpoint, lr_factor, select_trainable, train
-from .shared import plans_fingerprint, train_shared, trainable_names
 from .losses import (
     Objective,
     attention_map_kl,
@@ -11,6 +10,7 @@ from .losses import (
     lm_objective,
     pair_frobenius,
 )
+from .shared import plans_fingerprint, train_shared, trainable_names
 
 __all__ = [
     "Objective",
@@ -25,9 +25,9 @@ __all__ = [
     "lm_objective",
     "lr_factor",
     "pair_frobenius",
+    "plans_fingerprint",
     "select_trainable",
     "train",
     "train_shared",
     "trainable_names",
-    "plans_fingerprint",
 ]
