@@ -38,6 +38,10 @@ def test_demo_writes_a_report_with_every_method(tiny_folder, tmp_path, monkeypat
     capsys.readouterr()
     assert main(argv) == 0
     assert "cached artifact" in (out / "report.md").read_text()
+    for stale in cache.glob("demo/lisa-*/attnshare.json"):  # a cache from an incompatible version is retrained
+        stale.write_text("{}")
+    assert main(argv) == 0
+    assert "cached artifact" not in (out / "report.md").read_text()
 
 
 def test_demo_refuses_bad_settings():

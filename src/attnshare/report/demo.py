@@ -146,10 +146,10 @@ def step_lisa(report: Report, model, tokenizer) -> None:
     from .variants import measure
 
     cfg, lisa = report.config, get_method("lisa")
-    key = f"{model_identity(model)['fingerprint']}-f{cfg.lisa_fraction:g}-m{cfg.lisa_minutes:g}-c{cfg.calib_tokens}"
+    key = f"{model_identity(model)['fingerprint']}-v{attnshare.__version__}-f{cfg.lisa_fraction:g}-m{cfg.lisa_minutes:g}-c{cfg.calib_tokens}"
     cached = cache_dir() / "demo" / f"lisa-{key}"
-    if (cached / "attnshare.json").is_file():
-        shared, _ = attnshare.load(cached, model=copy.deepcopy(model))
+    shared = _load_cached(cached, model)
+    if shared is not None:
         notes = f"trained {cfg.lisa_minutes:g} min (cached artifact)"
     else:
         config = lisa.config_cls(fraction=cfg.lisa_fraction, **_lisa_settings(lisa, cfg))
@@ -164,6 +164,22 @@ def step_lisa(report: Report, model, tokenizer) -> None:
     report.variants.append(row)
     report.bench_variants.append((f"lisa {cfg.lisa_fraction:g}", cached))
     del shared
+
+
+def _load_cached(path: Path, model):
+    """The cached trained artifact on a copy of `model`, or None when absent or written by an incompatible version."""
+    import copy
+
+    import attnshare
+
+    if not (path / "attnshare.json").is_file():
+        return None
+    try:
+        shared, _ = attnshare.load(path, model=copy.deepcopy(model))
+    except Exception as err:  # noqa: BLE001 -- a stale cache must never stop the demo: retrain instead
+        log.warning("cached LiSA artifact %s cannot be loaded (%s); training again", path, err)
+        return None
+    return shared
 
 
 def _lisa_settings(lisa, cfg: DemoConfig) -> dict:
