@@ -84,6 +84,16 @@ def test_generate_with_cache_equals_no_cache_decoding(arch, source, rope):
     assert torch.equal(greedy_generate(model, ids, 24), greedy_no_cache(model, ids, 24))
 
 
+def test_beam_search_with_cache_equals_no_cache(arch):
+    model = attnshare.apply(tiny_model(arch, num_layers=6), lisa_plan((1, 2, 3, 5)))
+    perturb(model)
+    ids = random_ids(2, 7, seed=3)
+    kw = {"attention_mask": torch.ones_like(ids), "num_beams": 3, "max_new_tokens": 6, "do_sample": False,
+          "pad_token_id": 0}
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, **kw), model.generate(ids, **kw, use_cache=False))
+
+
 def test_left_padded_batch_generates_like_each_sequence_alone():
     model = attnshare.apply(tiny_model("llama", num_layers=6), lisa_plan((1, 2, 3, 5)))
     perturb(model)

@@ -74,6 +74,16 @@ def test_generate_with_cache_equals_no_cache_decoding(arch):
     assert torch.equal(greedy_generate(model, ids, 32), greedy_no_cache(model, ids, 32))
 
 
+def test_beam_search_with_cache_equals_no_cache(arch):
+    """Beam search reorders every layer's cache; receivers' caches hold V only (zero-width K) and must follow."""
+    model = attnshare.apply(tiny_model(arch), sa_plan(tiny_model(arch), (2, 3)))
+    ids = random_ids(2, 7, seed=3)
+    kw = {"attention_mask": torch.ones_like(ids), "num_beams": 3, "max_new_tokens": 6, "do_sample": False,
+          "pad_token_id": 0}
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, **kw), model.generate(ids, **kw, use_cache=False))
+
+
 def test_aligned_heads_generate_with_cache_equals_no_cache(arch):
     base = tiny_model(arch)
     plan = sa_plan(base, (2, 3))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicLayer
 
 from ...attention.context import DonorState, ShareContext
 from ...attention.functional import apply_probs, fused_attention, repeat_kv
@@ -27,6 +28,24 @@ def reuse_attention(state: DonorState, v: torch.Tensor, head_map: torch.Tensor |
         k = repeat_kv(k, groups)[:, head_map]  # (B,H,S,d)
         v = repeat_kv(v, groups)  # (B,H,S,d) receiver head h keeps its own V group h // G
     return fused_attention(q, k, v, state.mask, state.scaling)  # SDPA(Q_donor, K_donor, V_l) == P_donor V_l
+
+
+class ValueOnlyLayer(DynamicLayer):
+    """A dynamic cache slot whose K is zero-width: its length is read off V.
+
+    HF's DynamicLayer reads its length off K, and beam search reorders, selects and repeats a slot only when that
+    length is positive, so a V-only slot would otherwise keep the wrong beams' values.
+    """
+
+    def get_seq_length(self) -> int:
+        return self.values.shape[-2] if self.is_initialized else 0
+
+
+def mark_value_only(cache, layer_idx: int) -> None:
+    """Make this layer's slot of a DynamicCache count its length by V (other cache layer kinds count tokens)."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None and layer_idx < len(layers) and type(layers[layer_idx]) is DynamicLayer:
+        layers[layer_idx].__class__ = ValueOnlyLayer
 
 
 class SharedAttentionReceiver(nn.Module):
@@ -52,6 +71,7 @@ class SharedAttentionReceiver(nn.Module):
         v = getattr(self, self.v_name)(hidden_states).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B,Hkv,T,d)
         if past_key_values is not None:  # zero-width K: the cache really stores no K for this layer
             _, v = past_key_values.update(v.new_empty(b, v.shape[1], t, 0), v, self.layer_idx)  # v (B,Hkv,S,d)
+            mark_value_only(past_key_values, self.layer_idx)
         state = self.context.consume(self.donor, self.layer_idx)
         out = reuse_attention(state, v, self.head_map)  # (B,T,H,d)
         return getattr(self, self.o_name)(out.reshape(b, t, -1)), None
