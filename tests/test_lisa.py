@@ -60,7 +60,7 @@ def perturb(model, scale: float = 0.3, seed: int = 0) -> None:
 
 def test_step0_equals_aligned_direct_sharing_exactly(arch):
     """LiSA at init == SA whose receivers read the chain's root donor through the composed head permutations."""
-    model = attnshare.apply(uniform_model(arch), lisa_plan((2, 3, 5)))
+    model = attnshare.apply(uniform_model(arch), lisa_plan((2, 3, 5), fused_prefill=False))
     composed3 = [MAPS[2][MAPS[3][h]] for h in range(4)]  # layer 3 reads layer 2, which reads layer 1
     sa = SAPlan(donors={2: 1, 3: 1, 5: 4}, head_map={2: MAPS[2], 3: composed3, 5: MAPS[5]}, fused_prefill=False)
     reference = attnshare.apply(uniform_model(arch), sa)
@@ -106,6 +106,68 @@ def test_left_padded_batch_generates_like_each_sequence_alone():
         both = model.generate(ids, attention_mask=mask, **kw)
         alone = model.generate(short, attention_mask=torch.ones_like(short), **kw)
     assert torch.equal(both[0, 12:], alone[0, 7:])
+
+
+def use_blocks(model, rows: int) -> None:
+    """Query blocks of ``rows`` in gradient-free prefill (0: whole maps, donors materialise their scores)."""
+    from attnshare.attention.dispatch import Publisher
+    from attnshare.methods.lisa.modules import LiSAAttention
+
+    for module in model.modules():
+        if isinstance(module, LiSAAttention):
+            module.block_rows = rows
+        if isinstance(getattr(module, "attnshare_hook", None), Publisher):
+            module.attnshare_hook.fused_prefill = rows > 0
+
+
+def blocked_and_whole(model, rows: int, call):
+    """``call(model)`` under no_grad with blocks of ``rows`` and with whole maps."""
+    with torch.no_grad():
+        use_blocks(model, rows)
+        blocked = call(model)
+        use_blocks(model, 0)
+        whole = call(model)
+    return blocked, whole
+
+
+@pytest.mark.parametrize("source", ["scores", "probs"])
+def test_blockwise_prefill_equals_whole_maps(arch, source):
+    """Blocks of 4 query rows (19 rows: a ragged last block) over a chain of LiSA layers give the whole-map
+    logits; Gemma3's sliding-window layers bring real masks into the blocks."""
+    model = attnshare.apply(tiny_model(arch, num_layers=6), lisa_plan((1, 2, 3, 5), source=source))
+    perturb(model)
+    ids = random_ids(2, 19, seed=4)
+    blocked, whole = blocked_and_whole(model, 4, lambda m: m(ids, use_cache=False).logits)
+    torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_blockwise_prefill_after_a_cached_prefix_and_with_padding():
+    """A second prompt chunk over a cached prefix (keys > queries) and a left-padded batch (a tensor mask)."""
+    from transformers import DynamicCache
+
+    model = attnshare.apply(tiny_model("llama", num_layers=6), lisa_plan((1, 2, 3, 5)))
+    perturb(model)
+    ids = random_ids(2, 21, seed=5)
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0
+
+    def chunked(m):
+        cache = DynamicCache()
+        m(ids[:, :8], attention_mask=mask[:, :8], past_key_values=cache, use_cache=True)
+        return m(ids[:, 8:], attention_mask=mask, past_key_values=cache, use_cache=True).logits
+
+    blocked, whole = blocked_and_whole(model, 4, chunked)
+    torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_blockwise_lisa_donor_feeds_an_sa_receiver():
+    """An SA receiver whose donor is a LiSA layer reads the blocks assembled into whole maps."""
+    model = attnshare.apply(tiny_model("llama", num_layers=6), lisa_plan((2, 3)))
+    perturb(model)
+    model = attnshare.apply(model, SAPlan(donors={4: 3}))
+    ids = random_ids(2, 19, seed=6)
+    blocked, whole = blocked_and_whole(model, 4, lambda m: m(ids, use_cache=False).logits)
+    torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-5)
 
 
 def test_one_layer_formula_with_score_source():

@@ -9,17 +9,54 @@ import torch
 
 
 @dataclass
+class AttentionBlock:
+    """Attention of query rows ``rows`` over the first ``keys`` keys (a causal block never sees later keys)."""
+
+    rows: slice
+    keys: int
+    scores: torch.Tensor  # (B,H,rows,keys) float32 pre-softmax
+    probs: torch.Tensor  # (B,H,rows,keys) post-softmax (zero where masked)
+    finite: bool = True  # True: scores unmasked (plain causal, readers mask their own); False: -inf where masked
+
+
+def assemble(blocks: list[AttentionBlock], name: str, fill: float) -> torch.Tensor:
+    """Blocks' ``name`` ("scores"/"probs") as one (B,H,T,S) map, ``fill`` where no block reached."""
+    last = blocks[-1]
+    ref = getattr(last, name)
+    full = ref.new_full((*ref.shape[:2], last.rows.stop, last.keys), fill)  # (B,H,T,S)
+    for block in blocks:
+        full[..., block.rows, : block.keys] = getattr(block, name)
+    return full
+
+
+@dataclass
 class DonorState:
     """What a donor publishes during one forward: either its probabilities or its post-RoPE Q/K (fused path)."""
 
     probs: torch.Tensor | None = None  # (B,H,Tq,S) post-softmax
-    scores: torch.Tensor | None = None  # (B,H,Tq,S) masked pre-softmax (float32), when a consumer asks for it
+    scores: torch.Tensor | None = None  # (B,H,Tq,S) pre-softmax float32 (consumers apply their own mask)
+    blocks: list[AttentionBlock] | None = None  # a blockwise prefill's attention, query rows in order
     q: torch.Tensor | None = None  # (B,H,Tq,d) post-RoPE
     k: torch.Tensor | None = None  # (B,Hkv,S,d) post-RoPE, cache included
     mask: torch.Tensor | None = None
     scaling: float = 1.0
     softcap: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def whole(self) -> DonorState:
+        """This state with blockwise attention assembled into whole (B,H,T,S) maps; scores stay unmasked inside
+        the causal band (consumers of scores apply their own mask)."""
+        if self.blocks is None:
+            return self
+        return DonorState(probs=assemble(self.blocks, "probs", 0.0), scores=assemble(self.blocks, "scores",
+                          float("-inf")), mask=self.mask, scaling=self.scaling, softcap=self.softcap)
+
+    def block_at(self, rows: slice, keys: int) -> AttentionBlock | None:
+        """The published block covering exactly ``rows`` x ``keys``, if there is one."""
+        for block in self.blocks or ():
+            if block.rows == rows and block.keys == keys:
+                return block
+        return None
 
 
 class ShareContext:

@@ -72,9 +72,10 @@ def uninstall(model) -> None:
 class Publisher:
     """Attention hook of a donor layer: computes the layer's own output and publishes its attention.
 
-    Prefill publishes post-RoPE Q and K (receivers run fused SDPA over them), unless some consumer needs
-    materialised probabilities or scores; decode (``Tq <= decode_rows``) publishes probability rows, which are
-    tiny, so receivers never re-read the donor's K cache.
+    Prefill publishes post-RoPE Q and K (receivers run fused SDPA over them, LiSA layers recompute score blocks
+    from them); with gradients on, a consumer that needs scores (LiSA) gets them materialised instead. Decode
+    (``Tq <= decode_rows``) publishes probability rows, which are tiny, so receivers never re-read the donor's K
+    cache.
     """
 
     def __init__(self, context: ShareContext, layer: int, need_scores: bool = False, decode_rows: int = 1,
@@ -88,7 +89,8 @@ class Publisher:
     def __call__(self, module, fn, q, k, v, mask, scaling=None, dropout=0.0, **kwargs):
         scaling = module.scaling if scaling is None else scaling
         softcap = kwargs.get("softcap")
-        if self.fused_prefill and not self.need_scores and q.shape[-2] > self.decode_rows:
+        needs_map = self.need_scores and torch.is_grad_enabled()  # autograd through a LiSA consumer's scores
+        if self.fused_prefill and not needs_map and q.shape[-2] > self.decode_rows:
             out, weights = fn(module, q, k, v, mask, scaling=scaling, dropout=dropout, **kwargs)
             self.context.publish(self.layer, DonorState(q=q, k=k, mask=mask, scaling=scaling, softcap=softcap))
             return out, weights

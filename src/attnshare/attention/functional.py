@@ -33,14 +33,19 @@ def grouped_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out.view(bsz, h, m, b.shape[-1])
 
 
+def raw_scores(q: torch.Tensor, k: torch.Tensor, scaling: float, softcap: float | None = None) -> torch.Tensor:
+    """Unmasked pre-softmax scores in float32: q (B,H,Tq,d), k (B,Hkv,S,d) -> (B,H,Tq,S)."""
+    scores = grouped_matmul(q, k.transpose(-1, -2)).float() * scaling  # (B,H,Tq,S)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    return scores
+
+
 def attention_scores(
     q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, scaling: float, softcap: float | None = None
 ) -> torch.Tensor:
     """Masked pre-softmax scores in float32: q (B,H,Tq,d), k (B,Hkv,S,d) -> (B,H,Tq,S), -inf where masked."""
-    scores = grouped_matmul(q, k.transpose(-1, -2)).float() * scaling  # (B,H,Tq,S)
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    return apply_mask(scores, mask)
+    return apply_mask(raw_scores(q, k, scaling, softcap), mask)
 
 
 def apply_mask(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -32,6 +32,10 @@ class LiSAConfig:
     align_heads: bool = field(
         default=True, metadata={"help": "initialise the FFN to the best head permutation (else identity)"}
     )
+    fused_prefill: bool = field(
+        default=True, metadata={"help": "gradient-free prefill in query blocks over the donor's SDPA Q/K instead of "
+                                        "whole materialised score maps"}
+    )
     local_steps: int = field(
         default=32, metadata={"help": "layer-local first stage: steps fitting each layer to the teacher's attention map "
                                      "(at most 2/3 of --minutes), before end-to-end distillation"}

@@ -12,7 +12,7 @@ from ...errors import AttnshareError
 from ..base import Applied, SharingMethod, SharingState
 from ..surgery import detach, reattach
 from .config import LiSAConfig, default_rank
-from .modules import LiSAAttention
+from .modules import BLOCK_ROWS, LiSAAttention
 from .plan import LiSAPlan
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class LiSA(SharingMethod):
         layers = sorted(config.layers) if config.layers else choose_layers(model, config.fraction)
         plan = LiSAPlan(layers=layers, rank=config.rank or default_rank(geo.head_dim), ffn_width=config.ffn_width,
                         source=config.source, rope=config.rope, local_steps=config.local_steps,
-                        local_repeats=config.local_repeats)
+                        local_repeats=config.local_repeats, fused_prefill=config.fused_prefill)
         plan.validate(geo)
         if config.align_heads:
             plan.head_map = head_maps(model, {layer: layer - 1 for layer in layers})
@@ -62,14 +62,15 @@ class LiSA(SharingMethod):
                 donor_module = attention(model, donor)
                 hook = getattr(donor_module, "attnshare_hook", None)
                 if isinstance(hook, Publisher):
-                    hook.need_scores, hook.fused_prefill = True, False  # already a donor (SA): also publish scores
+                    hook.need_scores = True  # already a donor (SA): also publish scores
                 elif hasattr(donor_module, "context"):
                     raise AttnshareError(
                         f"Layer {donor} reuses another layer's attention, so LiSA layer {layer} cannot read it; "
                         f"apply LiSA before other sharing or drop layer {layer}."
                     )
                 else:
-                    set_hook(donor_module, Publisher(state.context, donor, need_scores=True, fused_prefill=False))
+                    set_hook(donor_module, Publisher(state.context, donor, need_scores=True,
+                                                     fused_prefill=plan.fused_prefill))
             base = attention(model, layer)
             path = f"{spec.layers}.{layer}.{spec.attn}"
             removable = [spec.q, spec.k] + (["q_norm", "k_norm"] if spec.qk_norm else [])
@@ -78,6 +79,7 @@ class LiSA(SharingMethod):
                 base, spec.v, spec.o, layer, state.context, plan.head_map.get(layer, identity),
                 hidden_size=geo.hidden_size, num_kv_heads=geo.num_kv_heads, head_dim=geo.head_dim, rank=plan.rank,
                 ffn_width=plan.ffn_width, source=plan.source, rope=plan.rope,
+                block_rows=BLOCK_ROWS if plan.fused_prefill else 0,
             )
             set_attention(model, layer, module)
             state.context.add_edge(donor, layer)

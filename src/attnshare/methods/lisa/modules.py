@@ -8,6 +8,11 @@ m hidden width of the alignment FFN, D hidden size.
 
 At initialisation W_skip is the best head permutation, W_down = 0 and W_k^lr = 0, so S_l equals the donor's
 scores with heads permuted exactly (aligned direct sharing).
+
+Without gradients (evaluation, generation, benchmarks) a prefill runs in blocks of query rows: each block reads
+only the keys its causal mask can reach, so the (B,H,rows,S) working set stays small and half of the score matrix
+is never computed. A donor that ran fused SDPA publishes its Q and K, and each block recomputes its slice of the
+donor's scores from them, so no layer materialises a full (T,S) map unless a later LiSA layer reads it.
 """
 
 from __future__ import annotations
@@ -18,15 +23,74 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...attention.context import DonorState, ShareContext
-from ...attention.functional import apply_mask, apply_probs, grouped_matmul, softmax_probs
+from ...attention.context import AttentionBlock, DonorState, ShareContext
+from ...attention.functional import (
+    apply_mask,
+    apply_probs,
+    causal_bool_mask,
+    grouped_matmul,
+    raw_scores,
+    softmax_probs,
+)
 
 PROB_FLOOR = 1e-30  # probabilities are combined in log space; this floors log(0) of masked entries
+BLOCK_ROWS = 128  # query rows per block of a gradient-free prefill (chosen by measurement, see docs/RESULTS.md)
 
 
 def fill_masked(z: torch.Tensor) -> torch.Tensor:
-    """Masked (-inf) donor entries -> 0, so the head FFN sees finite values; the layer's own mask is re-applied."""
-    return torch.where(torch.isfinite(z), z, torch.zeros((), dtype=z.dtype, device=z.device))
+    """Masked (-inf) donor entries -> 0, so the head FFN sees finite values; the layer's own mask is re-applied.
+
+    Returns a new contiguous tensor even for a strided view (one pass)."""
+    return torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def slice_mask(mask: torch.Tensor | None, rows: slice, keys: int) -> torch.Tensor | None:
+    """The (..., rows, :keys) part of an HF mask; ``None`` stays None (causal aligned to the end of the keys)."""
+    return None if mask is None else mask[..., rows, :keys]
+
+
+def donor_block(state: DonorState, source: str, rows: slice, keys: int) -> tuple[torch.Tensor, bool]:
+    """The donor's ``source`` attention for query ``rows`` over its first ``keys`` keys, (B,H,rows,keys) float32,
+    and whether it is finite (no -inf where masked, so the head FFN can read it as is).
+
+    Read from the donor's published blocks or maps, else recomputed from its Q and K (a causal block's rows never
+    see later keys, so a softmax over the first ``keys`` keys equals the full row's). A donor with the plain
+    causal mask (``None``) hides a subset of what every consumer hides, so its scores are left unmasked: the
+    consumer masks its own sum. Any other donor mask (sliding window, padding) is applied."""
+    if state.blocks is not None:
+        block = state.block_at(rows, keys)
+        if block is not None:
+            return getattr(block, source), source == "probs" or block.finite
+        state = state.whole()
+    stored = state.scores if source == "scores" else state.probs
+    if stored is not None:
+        return stored[..., rows, :keys].float(), source == "probs"
+    if state.q is None:
+        raise RuntimeError(f"a LiSA layer's donor published neither its {source} nor its Q and K")
+    scores = raw_scores(state.q[..., rows, :], state.k[..., :keys, :], state.scaling, state.softcap)
+    if source == "scores" and state.mask is None:
+        return scores, True  # (B,H,rows,keys)
+    scores = apply_mask(scores, slice_mask(state.mask, rows, keys))
+    return (scores, False) if source == "scores" else (softmax_probs(scores, torch.float32), True)
+
+
+def donor_keys(state: DonorState) -> int:
+    """Number of keys the donor's published attention covers."""
+    if state.blocks:
+        return state.blocks[-1].keys
+    if state.k is not None:
+        return state.k.shape[-2]
+    maps = state.scores if state.scores is not None else state.probs
+    return 0 if maps is None else maps.shape[-1]
+
+
+def mask_causal_tail_(scores: torch.Tensor) -> torch.Tensor:
+    """In place: causal mask of (B,H,rows,keys) scores whose last row sits at the last key. Only the trailing
+    rows x rows square holds masked entries, so only it is touched."""
+    rows = scores.shape[-2]
+    tail = scores[..., scores.shape[-1] - rows:]  # (B,H,rows,rows)
+    tail.masked_fill_(~causal_bool_mask(rows, rows, scores.device), float("-inf"))
+    return scores
 
 
 def align_keys(z: torch.Tensor, keys: int) -> torch.Tensor:
@@ -39,10 +103,20 @@ def align_keys(z: torch.Tensor, keys: int) -> torch.Tensor:
     return F.pad(z, (keys - have, 0))  # (B,H,T,S), zeros before the donor's first cached key
 
 
-def mix_heads(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Linear map over the head axis: weight (Hout,Hin), z (B,Hin,T,S) -> (B,Hout,T,S)."""
+def mix_heads(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+              add: torch.Tensor | None = None) -> torch.Tensor:
+    """Linear map over the head axis, ``add + weight z + bias``: weight (Hout,Hin), z (B,Hin,T,S) -> (B,Hout,T,S).
+
+    One batched GEMM with the weight broadcast over the batch (a 2-D @ 3-D matmul would transpose z first)."""
     b, h, t, s = z.shape
-    out = torch.matmul(weight.to(z.dtype), z.reshape(b, h, t * s))  # (B,Hout,T*S)
+    w = weight.to(z.dtype).expand(b, *weight.shape)  # (B,Hout,Hin)
+    flat = z.reshape(b, h, t * s)  # (B,Hin,T*S)
+    if add is not None:
+        out = torch.baddbmm(add.reshape(b, weight.shape[0], t * s), w, flat)
+    elif bias is not None:
+        out = torch.baddbmm(bias.to(z.dtype).view(1, -1, 1), w, flat)
+    else:
+        out = torch.bmm(w, flat)  # (B,Hout,T*S)
     return out.view(b, weight.shape[0], t, s)
 
 
@@ -94,8 +168,8 @@ class HeadAligner(nn.Module):
         """z (B,H,T,S) float32 -> (B,H,T,S)."""
         out = mix_heads(z, self.skip)
         if self.width:
-            hidden = F.gelu(mix_heads(z, self.up) + self.up_bias.view(1, -1, 1, 1))  # (B,m,T,S)
-            out = out + mix_heads(hidden, self.down)
+            hidden = F.gelu(mix_heads(z, self.up, bias=self.up_bias))  # (B,m,T,S)
+            out = mix_heads(hidden, self.down, add=out)
         return out
 
 
@@ -108,7 +182,7 @@ class LiSAAttention(nn.Module):
 
     def __init__(self, base: nn.Module, v_name: str, o_name: str, layer: int, context: ShareContext,
                  head_map: list[int], *, hidden_size: int, num_kv_heads: int, head_dim: int, rank: int,
-                 ffn_width: int, source: str, rope: bool) -> None:
+                 ffn_width: int, source: str, rope: bool, block_rows: int = BLOCK_ROWS) -> None:
         super().__init__()
         self.v_name, self.o_name = v_name, o_name
         self.add_module(v_name, getattr(base, v_name))
@@ -119,6 +193,7 @@ class LiSAAttention(nn.Module):
         self.num_heads, self.num_kv_heads = len(head_map), num_kv_heads
         self.head_dim, self.rank = head_dim, rank
         self.source, self.rope = source, rope
+        self.block_rows = block_rows  # 0: always whole maps
         ref = getattr(base, v_name).weight
         gen = torch.Generator().manual_seed(7919 * (layer + 1))  # deterministic init, independent of global RNG
         self.lisa_align = HeadAligner(head_map, ffn_width, gen).to(ref.device, ref.dtype)
@@ -136,12 +211,50 @@ class LiSAAttention(nn.Module):
         q, k = self.low_rank(hidden_states, position_embeddings)  # (B,H,T,r), (B,Hkv,T,r)
         if past_key_values is not None:  # the cache stores k_lr (B,Hkv,S,r) and V, no full K
             k, v = past_key_values.update(k, v, self.layer_idx)
-        scores = self.scores(self.context.consume(self.donor, self.layer_idx), q, k, attention_mask)  # (B,H,T,S)
+        donor = self.context.consume(self.donor, self.layer_idx)
+        if self.blockwise(donor, t, k.shape[-2]):
+            out = self.blocked_attention(donor, q, k, v, attention_mask)  # (B,T,H,d)
+            return getattr(self, self.o_name)(out.reshape(b, t, -1)), None
+        scores = self.scores(donor, q, k, attention_mask)  # (B,H,T,S)
         probs = softmax_probs(scores, v.dtype)  # (B,H,T,S)
         if self.context.publishes(self.layer_idx):
             self.context.publish(self.layer_idx, DonorState(probs=probs, scores=scores, mask=attention_mask))
         out = apply_probs(probs, v)  # (B,T,H,d)
         return getattr(self, self.o_name)(out.reshape(b, t, -1)), probs
+
+    def blockwise(self, donor: DonorState, rows: int, keys: int) -> bool:
+        """Run in query blocks: no gradients (autograd and attention-map capture need the whole map), a prefill
+        longer than one block, and a donor covering exactly this layer's keys."""
+        return (not torch.is_grad_enabled() and 0 < self.block_rows < rows
+                and donor_keys(donor) == keys)
+
+    def blocked_attention(self, donor: DonorState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          mask: torch.Tensor | None) -> torch.Tensor:
+        """P_l V_l block by block over query rows: q (B,H,T,r), k (B,Hkv,S,r), v (B,Hkv,S,d) -> (B,T,H,d).
+
+        Block [i0, i1) reads keys [0, S - T + i1): later keys are causally masked for all its rows. When a later
+        layer reads this one, the blocks themselves are published (its blocks line up with them)."""
+        b, h, t, _ = q.shape
+        s = k.shape[-2]
+        out = v.new_empty(b, t, h, v.shape[-1])  # (B,T,H,d)
+        publish = self.context.publishes(self.layer_idx)
+        blocks = []
+        for start in range(0, t, self.block_rows):
+            rows = slice(start, min(t, start + self.block_rows))
+            keys = s - t + rows.stop
+            z, finite = donor_block(donor, self.source, rows, keys)  # (B,H,rows,keys)
+            aligned = self.aligned_sum(z, finite, q[..., rows, :], k[..., :keys, :])  # (B,H,rows,keys), unmasked
+            if mask is None:  # plain causal: publish the unmasked sum, readers mask their own
+                scores = mask_causal_tail_(aligned.clone() if publish else aligned)
+            else:  # sliding window or padding: readers must see this layer's mask
+                scores = aligned = apply_mask(aligned, slice_mask(mask, rows, keys))
+            probs = softmax_probs(scores, v.dtype)
+            out[:, rows] = apply_probs(probs, v[..., :keys, :])
+            if publish:
+                blocks.append(AttentionBlock(rows, keys, scores=aligned, probs=probs, finite=mask is None))
+        if publish:
+            self.context.publish(self.layer_idx, DonorState(blocks=blocks, mask=mask))
+        return out
 
     def low_rank(self, hidden_states: torch.Tensor, position_embeddings=None) -> tuple[torch.Tensor, torch.Tensor]:
         """q_lr (B,H,T,r) and k_lr (B,Hkv,T,r) of this layer's input, rotated when ``rope``."""
@@ -154,15 +267,16 @@ class LiSAAttention(nn.Module):
         return q, k
 
     def scores(self, donor: DonorState, q: torch.Tensor, k: torch.Tensor, mask) -> torch.Tensor:
-        """Masked combined scores S_l (B,H,T,S) float32."""
-        z = donor.scores if self.source == "scores" else donor.probs
-        if z is None:
-            raise RuntimeError(f"layer {self.donor} published no {self.source} for LiSA layer {self.layer_idx}")
-        z = align_keys(fill_masked(z.float()), k.shape[-2])  # (B,H,T,S)
-        aligned = self.lisa_align(z)  # (B,H,T,S)
+        """Masked combined scores S_l (B,H,T,S) float32, the whole map at once."""
+        z, finite = donor_block(donor, self.source, slice(None), donor_keys(donor))  # (B,H,T,S')
+        return apply_mask(self.aligned_sum(align_keys(z, k.shape[-2]), finite, q, k), mask)
+
+    def aligned_sum(self, z: torch.Tensor, finite: bool, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Unmasked g_l(Z) + q_lr k_lr^T / sqrt(r): z (B,H,T,S), q (B,H,T,r), k (B,Hkv,S,r) -> (B,H,T,S) float32."""
+        aligned = self.lisa_align(z if finite else fill_masked(z))  # (B,H,T,S)
         if self.source == "probs":
             aligned = aligned.clamp_min(PROB_FLOOR).log()
-        return apply_mask(aligned + low_rank_scores(q, k), mask)
+        return aligned + low_rank_scores(q, k)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, donor={self.donor}, rank={self.rank}, source={self.source}, rope={self.rope}"

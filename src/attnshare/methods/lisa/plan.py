@@ -24,6 +24,7 @@ class LiSAPlan(Plan):
     rope: bool = True  # rotary position embedding on the low-rank q/k
     local_steps: int = 0  # training recipe: steps of the layer-local first stage before end-to-end distillation
     local_repeats: int = 4  # training recipe: optimizer steps per recorded teacher batch in the layer-local stage
+    fused_prefill: bool = True  # gradient-free prefill: donors run SDPA, LiSA layers go in query blocks
 
     def validate(self, geo: Geometry) -> None:
         for layer in self.layers:
@@ -61,6 +62,7 @@ class LiSAPlan(Plan):
             "rope": self.rope,
             "local_steps": self.local_steps,
             "local_repeats": self.local_repeats,
+            "fused_prefill": self.fused_prefill,
         }
 
     @classmethod
@@ -74,6 +76,7 @@ class LiSAPlan(Plan):
             rope=bool(data.get("rope", True)),
             local_steps=int(data.get("local_steps", 0)),
             local_repeats=int(data.get("local_repeats", 4)),
+            fused_prefill=bool(data.get("fused_prefill", True)),
         )
 
     def summary(self) -> str:

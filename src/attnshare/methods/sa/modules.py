@@ -18,6 +18,7 @@ def reuse_attention(state: DonorState, v: torch.Tensor, head_map: torch.Tensor |
 
     ``head_map[h]`` is the donor head whose attention receiver head h uses (None: the same head).
     """
+    state = state.whole()  # a blockwise (LiSA) donor's blocks as one map
     if state.probs is not None:  # decode, or probabilities materialised by the donor
         probs = state.probs if head_map is None else state.probs[:, head_map]  # (B,H,T,S)
         return apply_probs(probs, v)
