@@ -572,5 +572,19 @@ def test_real_model_lisa_layers(real_model):
     assert lisa_kv * 2 * 30 * 64 == base_kv * (2 * 30 * 64 - 16 * (64 - default_rank(64)))
 
 
+
+def test_real_model_blockwise_prefill_equals_whole_maps(real_model):
+    """SmolLM2 with the headline plan's layers: a 300-token prefill in blocks of 128 rows gives the whole-map
+    logits (the evaluation and benchmark path equals the training path)."""
+    import copy
+
+    model, _ = real_model
+    plan = LiSAPlan(layers=[4, 5, 6, 9, 13, 15, 19, *range(21, 30)], rank=default_rank(64))
+    shared = attnshare.apply(copy.deepcopy(model), plan)
+    perturb(shared, scale=0.01)
+    ids = random_ids(1, 300, vocab=40000, seed=7)
+    blocked, whole = blocked_and_whole(shared, 128, lambda m: m(ids, use_cache=True).logits)
+    torch.testing.assert_close(blocked, whole, rtol=1e-4, atol=1e-4)
+
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]), int(sys.argv[2]))
