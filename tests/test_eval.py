@@ -118,19 +118,45 @@ def test_next_sentence_picks_the_highest_pmi(monkeypatch):
     items = next_sentence_items(synthetic_text(), 6, seed=1)
     tok = _tiny_tokenizer()
     model = tiny_model("llama")
-    calls = []
+    shared_calls, prior_calls = [], []
+
+    def fake_shared(model, prefix, continuations):  # the labelled choice gets a higher likelihood than its prior
+        item = items[len(shared_calls)]
+        shared_calls.append(len(continuations))
+        return [-10.0 + 5.0 * (j == item.label) for j in range(len(continuations))]
 
     def fake_scores(model, requests, batch_size, progress=True, desc=""):
-        calls.append((len(requests), batch_size))
-        if "p(c|ctx)" in desc:  # conditional: the labelled choice gets a higher likelihood than its prior
-            return [(-10.0 + 5.0 * (k % 4 == items[k // 4].label), False) for k in range(len(requests))]
+        prior_calls.append((len(requests), batch_size))
         return [(-20.0, False)] * len(requests)
 
+    monkeypatch.setattr(proxies, "shared_prefix_scores", fake_shared)
     monkeypatch.setattr(proxies, "continuation_scores", fake_scores)
     res = score_next_sentence(model, tok, items, batch_size=2)
     assert res == {"accuracy": 1.0, "correct": 6, "items": 6, "chance": 0.25}
     distinct = len({c for item in items for c in item.choices})
-    assert calls == [(24, 8), (distinct, 8)]  # 4 candidates per item, batched; each prior scored once
+    assert shared_calls == [4] * 6  # one context forward per item, its 4 candidates together
+    assert prior_calls == [(distinct, 8)]  # each distinct candidate's prior scored once, batched
+
+
+@pytest.mark.parametrize("method", ["base", "sa", "lisa"])
+def test_shared_prefix_scores_equal_full_forwards(arch, method):
+    """One prefix forward + its cache tiled over right-padded continuations == a fresh forward of each sequence,
+    on every architecture and through SA's V-only and LiSA's low-rank cache slots."""
+    import attnshare
+    from attnshare.methods.lisa import LiSAPlan
+    from attnshare.methods.sa import SAPlan
+
+    model = tiny_model(arch, num_layers=4)
+    if method == "sa":
+        model = attnshare.apply(model, SAPlan(donors={2: 1}) if arch != "gemma3_text" else SAPlan(donors={3: 1}))
+    if method == "lisa":
+        model = attnshare.apply(model, LiSAPlan(layers=[2, 3], rank=4))
+    g = torch.Generator().manual_seed(1)
+    prefix = torch.randint(0, 128, (11,), generator=g).tolist()
+    conts = [torch.randint(0, 128, (int(m),), generator=g).tolist() for m in (3, 1, 6, 4)]
+    scores = proxies.shared_prefix_scores(model, prefix, conts)
+    for cont, score in zip(conts, scores):
+        assert score == pytest.approx(_reference_score(model, prefix, cont)[0], abs=1e-4)
 
 
 def test_evaluate_runs_both_proxies_on_a_tiny_model(arch, text_file):

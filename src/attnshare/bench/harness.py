@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..attention.cache import tile_cache
 from ..errors import AttnshareError
 from . import bytemodel
 from .bytemodel import ModelCosts
@@ -301,18 +302,6 @@ def resolve_device(name: str) -> torch.device:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def tile_cache(cache, repeats: int) -> None:
-    """Repeat every cached sequence ``repeats`` times along the batch, in place.
-
-    (HF's ``batch_repeat_interleave`` skips layers whose keys have zero width, such as SA receivers' V-only slots.)
-    """
-    for layer in cache.layers:
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                setattr(layer, name, t.repeat_interleave(repeats, dim=0))  # (B*repeats,Hkv,S,d)
 
 
 def extend_cache(cache, length: int) -> None:

@@ -158,13 +158,48 @@ def continuation_scores(model, requests: Sequence[tuple[list[int], list[int]]], 
             for row, k in enumerate(batch):
                 ids[row, : len(seqs[k])] = torch.tensor(seqs[k])
                 mask[row, : len(seqs[k])] = 1
-            logits = model(ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
-            logprobs = F.log_softmax(logits[:, :-1], dim=-1)  # (b, T-1, V): position t predicts token t+1
+            spans = [(len(seqs[k]) - len(requests[k][1]) - 1, len(seqs[k]) - 1) for k in batch]  # predicting positions
+            keep = torch.tensor(sorted({t for lo, hi in spans for t in range(lo, hi)}))  # (K,) union over rows
+            where = {int(t): j for j, t in enumerate(keep)}
+            logits = model(ids.to(device), attention_mask=mask.to(device), use_cache=False,
+                           logits_to_keep=keep.to(device)).logits.float()  # (b, K, V): only positions that are scored
             for row, k in enumerate(batch):
-                n, m = len(seqs[k]), len(requests[k][1])
-                target = ids[row, n - m : n].to(device)  # (m,)
-                lp = logprobs[row, n - m - 1 : n - 1]  # (m, V)
+                lo, hi = spans[row]
+                target = ids[row, lo + 1 : hi + 1].to(device)  # (m,): position t predicts token t+1
+                lp = F.log_softmax(logits[row, where[lo] : where[lo] + hi - lo], dim=-1)  # (m, V)
                 out[k] = (lp.gather(-1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all()))
+    return out
+
+
+def shared_prefix_scores(model, prefix: list[int], continuations: Sequence[list[int]]) -> list[float]:
+    """Summed log p(continuation | prefix) for each continuation. The prefix runs once; its cache is tiled over the
+    continuations, which then run as one right-padded batch (what a fresh forward of each prefix + continuation
+    computes, for a fraction of the tokens)."""
+    from ..attention.cache import tile_cache
+
+    if not prefix or not all(continuations):
+        raise AttnshareError("A proxy request has an empty prefix or continuation; use a text with longer sentences.")
+    device = next(model.parameters()).device
+    n, width = len(continuations), max(len(c) for c in continuations)
+    limit = getattr(model.config, "max_position_embeddings", None) or 10**9
+    prefix = prefix[-max(1, limit - width):]
+    ids = torch.zeros(n, width, dtype=torch.long)  # (n, W), right-padded
+    mask = torch.zeros(n, len(prefix) + width, dtype=torch.long)  # (n, P+W)
+    mask[:, : len(prefix)] = 1
+    for row, cont in enumerate(continuations):
+        ids[row, : len(cont)] = torch.tensor(cont)
+        mask[row, len(prefix) : len(prefix) + len(cont)] = 1
+    with torch.inference_mode():
+        first = model(torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1)
+        cache = first.past_key_values
+        tile_cache(cache, n)
+        logits = model(ids.to(device), attention_mask=mask.to(device), past_key_values=cache, use_cache=True).logits
+        # position t of the continuation is predicted by the prefix's last logits (t = 0) or by position t - 1
+        predict = torch.cat([first.logits[:, -1:].expand(n, 1, -1), logits[:, :-1]], dim=1).float()  # (n, W, V)
+        out = []
+        for row, cont in enumerate(continuations):
+            lp = F.log_softmax(predict[row, : len(cont)], dim=-1)  # (m, V)
+            out.append(lp.gather(-1, ids[row, : len(cont), None].to(device)).sum().item())
     return out
 
 
@@ -184,20 +219,19 @@ def unconditional_prefix(tokenizer) -> list[int]:
 
 def score_next_sentence(model, tokenizer, items: Sequence[ChoiceItem], batch_size: int = 4,
                         progress: bool = True) -> dict:
-    """Accuracy of picking the true next sentence by PMI; candidates of ``batch_size`` items share a forward."""
+    """Accuracy of picking the true next sentence by PMI. An item's context runs once and its four candidates
+    share one forward over the tiled context cache; the candidates' priors run ``batch_size`` items at a time."""
     empty = unconditional_prefix(tokenizer)
-    conditional, choices = [], sorted({c for item in items for c in item.choices})
-    for item in items:
-        prefix = _encode(tokenizer, item.context, True)
-        conditional += [(prefix, _encode(tokenizer, " " + c, False)) for c in item.choices]
+    choices = sorted({c for item in items for c in item.choices})
+    cond = [shared_prefix_scores(model, _encode(tokenizer, item.context, True),
+                                 [_encode(tokenizer, " " + c, False) for c in item.choices])
+            for item in tqdm(items, desc="next_sentence p(c|ctx)", unit="item", disable=not progress, leave=False)]
     unconditional = [(empty, _encode(tokenizer, " " + c, False)) for c in choices]  # each distinct candidate once
-    per_forward = batch_size * NUM_CHOICES
-    cond = continuation_scores(model, conditional, per_forward, progress, "next_sentence p(c|ctx)")
-    prior = dict(zip(choices, (s for s, _ in continuation_scores(model, unconditional, per_forward, progress,
-                                                                    "next_sentence p(c)"))))
+    prior = dict(zip(choices, (s for s, _ in continuation_scores(model, unconditional, batch_size * NUM_CHOICES,
+                                                                    progress, "next_sentence p(c)"))))
     correct = 0
     for n, item in enumerate(items):
-        pmi = [cond[n * NUM_CHOICES + j][0] - prior[c] for j, c in enumerate(item.choices)]
+        pmi = [cond[n][j] - prior[c] for j, c in enumerate(item.choices)]
         correct += int(max(range(NUM_CHOICES), key=pmi.__getitem__) == item.label)
     return {"accuracy": correct / len(items), "correct": correct, "items": len(items), "chance": 1 / NUM_CHOICES}
 
