@@ -28,7 +28,6 @@ from ...attention.functional import (
     apply_mask,
     apply_probs,
     causal_bool_mask,
-    grouped_matmul,
     raw_scores,
     softmax_probs,
 )
@@ -144,9 +143,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-def low_rank_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """q (B,H,T,r), k (B,Hkv,S,r) -> q k^T / sqrt(r) as (B,H,T,S) float32 (k never expanded over groups)."""
-    return grouped_matmul(q, k.transpose(-1, -2)).float() / math.sqrt(q.shape[-1])
+def add_low_rank_(scores: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """In place: scores (B,H,T,S) float32 += q k^T / sqrt(r), q (B,H,T,r), k (B,Hkv,S,r), in one GEMM per kv head
+    (k never expanded over groups; no (B,H,T,S) temporary)."""
+    b, h, t, s = scores.shape
+    hkv, r = k.shape[1], k.shape[-1]
+    q = q.to(scores.dtype).reshape(b * hkv, (h // hkv) * t, r)  # (B*Hkv, G*T, r): head h = kv*G + g
+    k_t = k.to(scores.dtype).reshape(b * hkv, s, r).transpose(1, 2)  # (B*Hkv, r, S)
+    scores.view(b * hkv, (h // hkv) * t, s).baddbmm_(q, k_t, alpha=1.0 / math.sqrt(r))
+    return scores
 
 
 class HeadAligner(nn.Module):
@@ -276,7 +281,7 @@ class LiSAAttention(nn.Module):
         aligned = self.lisa_align(z if finite else fill_masked(z))  # (B,H,T,S)
         if self.source == "probs":
             aligned = aligned.clamp_min(PROB_FLOOR).log()
-        return aligned + low_rank_scores(q, k)
+        return add_low_rank_(aligned.contiguous(), q, k)
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_idx}, donor={self.donor}, rank={self.rank}, source={self.source}, rope={self.rope}"
