@@ -31,7 +31,8 @@ def assemble(blocks: list[AttentionBlock], name: str, fill: float) -> torch.Tens
 
 @dataclass
 class DonorState:
-    """What a donor publishes during one forward: either its probabilities or its post-RoPE Q/K (fused path)."""
+    """What a donor publishes during one forward: its probabilities (and scores), its post-RoPE Q/K (fused
+    prefill), or the blocks of a blockwise LiSA prefill."""
 
     probs: torch.Tensor | None = None  # (B,H,Tq,S) post-softmax
     scores: torch.Tensor | None = None  # (B,H,Tq,S) pre-softmax float32 (consumers apply their own mask)

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..attention.cache import tile_cache
 from ..errors import AttnshareError
 
 NUM_CHOICES = 4
@@ -135,18 +136,22 @@ def final_word_items(text: str, num_items: int, seed: int = 0, text_name: str = 
 
 # ---- scoring ----------------------------------------------------------------------------------------------------
 
+def fit_prefix(model, prefix: list[int], continuations: Sequence[list[int]]) -> list[int]:
+    """``prefix`` cut from the left so that the longest continuation still fits the model's context; refuses an
+    empty prefix or continuation."""
+    if not prefix or not all(continuations):
+        raise AttnshareError("A proxy request has an empty prefix or continuation; use a text with longer sentences.")
+    limit = getattr(model.config, "max_position_embeddings", None) or 10**9
+    return prefix[-max(1, limit - max(map(len, continuations))):]
+
+
 def continuation_scores(model, requests: Sequence[tuple[list[int], list[int]]], batch_size: int,
                         progress: bool = True, desc: str = "score") -> list[tuple[float, bool]]:
     """For each (prefix ids, continuation ids): summed log p(continuation | prefix) and whether greedy decoding
     reproduces it. Requests are length-sorted, right-padded and batched; prefixes are cut from the left to fit."""
     limit = getattr(model.config, "max_position_embeddings", None) or 10**9
     device = next(model.parameters()).device
-    seqs = []
-    for prefix, cont in requests:
-        if not prefix or not cont:
-            raise AttnshareError("A proxy request has an empty prefix or continuation; use a text with longer sentences.")
-        keep = max(1, limit - len(cont))
-        seqs.append((prefix[-keep:] + cont)[-limit:])
+    seqs = [(fit_prefix(model, prefix, [cont]) + cont)[-limit:] for prefix, cont in requests]
     order = sorted(range(len(seqs)), key=lambda k: -len(seqs[k]))
     out: list[tuple[float, bool]] = [(0.0, False)] * len(seqs)
     with torch.inference_mode():
@@ -175,14 +180,9 @@ def shared_prefix_scores(model, prefix: list[int], continuations: Sequence[list[
     """Summed log p(continuation | prefix) for each continuation. The prefix runs once; its cache is tiled over the
     continuations, which then run as one right-padded batch (what a fresh forward of each prefix + continuation
     computes, for a fraction of the tokens)."""
-    from ..attention.cache import tile_cache
-
-    if not prefix or not all(continuations):
-        raise AttnshareError("A proxy request has an empty prefix or continuation; use a text with longer sentences.")
     device = next(model.parameters()).device
+    prefix = fit_prefix(model, prefix, continuations)
     n, width = len(continuations), max(len(c) for c in continuations)
-    limit = getattr(model.config, "max_position_embeddings", None) or 10**9
-    prefix = prefix[-max(1, limit - width):]
     ids = torch.zeros(n, width, dtype=torch.long)  # (n, W), right-padded
     mask = torch.zeros(n, len(prefix) + width, dtype=torch.long)  # (n, P+W)
     mask[:, : len(prefix)] = 1

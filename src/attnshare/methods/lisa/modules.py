@@ -181,8 +181,8 @@ class HeadAligner(nn.Module):
 class LiSAAttention(nn.Module):
     """Replaces a LiSA layer's attention: own V and o_proj, low-rank q/k, donor attention re-aligned.
 
-    Its cache slot holds the low-rank k (Hkv*r per token) as keys and V; it publishes its own masked scores and
-    probabilities when the next layer reads them.
+    Its cache slot holds the low-rank k (Hkv*r per token) as keys and V; when the next layer reads it, it publishes
+    its scores and probabilities (whole maps, or the blocks of a blockwise prefill).
     """
 
     def __init__(self, base: nn.Module, v_name: str, o_name: str, layer: int, context: ShareContext,
