@@ -27,10 +27,11 @@ from attnshare.bench import (
     run_bench,
 )
 from attnshare.bench.bytemodel import causal_pairs, kv_cache_bytes
-from attnshare.bench.harness import Scenario, tile_cache
+from attnshare.bench.harness import Scenario
 from attnshare.bench.memory import cache_bytes
 from attnshare.cli import main
 from attnshare.errors import AttnshareError
+from attnshare.hf_compat import tile_cache
 from attnshare.methods.sa import SAPlan
 from attnshare.methods.sa.plan import nearest_donors
 

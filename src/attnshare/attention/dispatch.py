@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import AttnshareError
+from ..hf_compat import attention_function, attn_implementation, register_attention
 from .context import DonorState, ShareContext
 from .functional import attention_scores, eager_attention, softmax_probs
 
@@ -21,9 +22,7 @@ HOOK = "attnshare_hook"
 
 
 def base_function(base: str) -> Callable:
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    return eager_attention if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
+    return eager_attention if base == "eager" else attention_function(base)
 
 
 def _dispatcher(base: str) -> Callable:
@@ -40,18 +39,13 @@ def _dispatcher(base: str) -> Callable:
 
 def register(base: str) -> str:
     """Register ``attnshare_<base>`` (attention and mask functions); idempotent. Returns the name."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
     name = PREFIX + base
-    AttentionInterface.register(name, _dispatcher(base))
-    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+    register_attention(name, _dispatcher(base), mask_like=base)
     return name
 
 
 def base_implementation(model) -> str:
-    impl = model.config._attn_implementation or "eager"
-    return impl.removeprefix(PREFIX)
+    return attn_implementation(model).removeprefix(PREFIX)
 
 
 def install(model) -> None:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..hf_compat import new_cache, slot_tensors, with_cache
+
 
 @dataclass(frozen=True)
 class ModelCosts:
@@ -107,8 +109,7 @@ def decode_weight_bytes(model: nn.Module) -> int:
 def cache_widths(cache) -> list[tuple[int, int, int]]:
     """Per layer of a HF cache: (kv heads, key width, value width) read from its tensors' shapes."""
     out = []
-    for layer in cache.layers:
-        k, v = layer.keys, layer.values  # (B,Hkv,S,dk), (B,Hkv,S,dv)
+    for k, v in slot_tensors(cache):  # (B,Hkv,S,dk), (B,Hkv,S,dv)
         out.append((v.shape[1], k.shape[-1], v.shape[-1]))
     return out
 
@@ -126,8 +127,6 @@ def _matmul_flops(model: nn.Module, ids: torch.Tensor) -> int:
 
 def model_costs(model: nn.Module) -> ModelCosts:
     """Measure the byte model's inputs on ``model``: weights, per-layer cache bytes and widths, matmul FLOPs."""
-    from transformers import DynamicCache
-
     from ..arch import geometry
     from .memory import layer_cache_bytes
 
@@ -135,9 +134,9 @@ def model_costs(model: nn.Module) -> ModelCosts:
     device = next(model.parameters()).device
     tokens = 2  # fewer than any sliding window, so every layer keeps every token
     ids = torch.zeros(1, tokens, dtype=torch.long, device=device)
-    cache = DynamicCache(config=model.config)
+    cache = new_cache(model)
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **with_cache(model, cache), use_cache=True)
     per_token = tuple(b // tokens for b in layer_cache_bytes(cache))
     widths = cache_widths(cache)
     config = getattr(model.config, "text_config", None) or model.config

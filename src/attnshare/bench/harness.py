@@ -28,8 +28,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..attention.cache import tile_cache
 from ..errors import AttnshareError
+from ..hf_compat import extend_cache, new_cache, tile_cache, with_cache
 from . import bytemodel
 from .bytemodel import ModelCosts
 from .memory import PeakMemory, cache_bytes, parameter_bytes
@@ -304,23 +304,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def extend_cache(cache, length: int) -> None:
-    """Repeat every layer's cached tokens along the sequence until it holds ``length`` tokens, in place.
-
-    Only the shapes matter for a decode-speed measurement; sliding layers keep their window as HF does.
-    """
-    for layer in cache.layers:
-        window = getattr(layer, "sliding_window", None)
-        keep = length if window is None else min(length, window - 1)
-        for name in ("keys", "values"):
-            t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
-                reps = -(-keep // t.shape[-2])
-                setattr(layer, name, t.repeat(1, 1, reps, 1)[:, :, :keep].contiguous())  # (B,Hkv,keep,d)
-        if hasattr(layer, "cumulative_length"):
-            layer.cumulative_length = length
-
-
 class Generation:
     """One variant's generation in progress: a timed prefill into a fresh cache, then timed decode steps.
 
@@ -330,10 +313,8 @@ class Generation:
     """
 
     def __init__(self, model: nn.Module, ids: torch.Tensor, tile: int = 1, context: int = 0) -> None:
-        from transformers import DynamicCache
-
         self.model, self.ids, self.tile, self.context = model, ids, tile, context
-        self.cache = DynamicCache(config=model.config)
+        self.cache = new_cache(model)
         self.next: torch.Tensor | None = None
         self.prefill_s = 0.0
         self.decode_s = 0.0
@@ -345,7 +326,7 @@ class Generation:
         with torch.inference_mode(), PeakMemory(device) as peak:
             _sync(device)
             start = time.perf_counter()
-            out = self.model(ids, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            out = self.model(ids, **with_cache(self.model, self.cache), use_cache=True, logits_to_keep=1)
             self.next = out.logits[:, -1:].argmax(-1)  # (B,1) greedy
             _sync(device)
             elapsed = time.perf_counter() - start

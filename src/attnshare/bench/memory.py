@@ -9,19 +9,14 @@ from typing import Self
 import torch
 from torch import nn
 
+from ..hf_compat import slot_tensors
+
 log = logging.getLogger(__name__)
 
 
 def layer_cache_bytes(cache) -> list[int]:
     """Bytes of each cache layer's key and value tensors (zero-width K counts 0)."""
-    out = []
-    for layer in getattr(cache, "layers", []):
-        out.append(sum(
-            t.numel() * t.element_size()
-            for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
-            if isinstance(t, torch.Tensor)
-        ))
-    return out
+    return [sum(t.numel() * t.element_size() for t in pair if t is not None) for pair in slot_tensors(cache)]
 
 
 def cache_bytes(cache) -> int:

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..attention.cache import tile_cache
 from ..errors import AttnshareError
+from ..hf_compat import output_cache, tile_cache, with_cache
 
 NUM_CHOICES = 4
 CONTEXT_SENTENCES = 2  # sentences of context before a next-sentence item (measured: 1 -> 52.5%, 2 -> 59.0% on SmolLM2)
@@ -191,9 +191,9 @@ def shared_prefix_scores(model, prefix: list[int], continuations: Sequence[list[
         mask[row, len(prefix) : len(prefix) + len(cont)] = 1
     with torch.inference_mode():
         first = model(torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1)
-        cache = first.past_key_values
+        cache = output_cache(first)
         tile_cache(cache, n)
-        logits = model(ids.to(device), attention_mask=mask.to(device), past_key_values=cache, use_cache=True).logits
+        logits = model(ids.to(device), attention_mask=mask.to(device), **with_cache(model, cache), use_cache=True).logits
         # position t of the continuation is predicted by the prefix's last logits (t = 0) or by position t - 1
         predict = torch.cat([first.logits[:, -1:].expand(n, 1, -1), logits[:, :-1]], dim=1).float()  # (n, W, V)
         out = []

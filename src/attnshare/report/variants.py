@@ -13,6 +13,7 @@ from torch import nn
 
 from ..bench.memory import cache_bytes
 from ..evaluate.perplexity import PerplexityConfig, perplexity
+from ..hf_compat import output_cache
 
 PROBE_TOKENS = 8  # tokens of the short forward whose cache is measured
 
@@ -21,7 +22,7 @@ def kv_bytes_per_token(model: nn.Module) -> float:
     """KV-cache bytes per token of one sequence, measured from the cache tensors of a short forward."""
     ids = torch.zeros(1, PROBE_TOKENS, dtype=torch.long, device=next(model.parameters()).device)
     with torch.no_grad():
-        return cache_bytes(model(ids, use_cache=True).past_key_values) / PROBE_TOKENS
+        return cache_bytes(output_cache(model(ids, use_cache=True))) / PROBE_TOKENS
 
 
 @dataclass

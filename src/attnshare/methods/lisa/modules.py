@@ -31,6 +31,7 @@ from ...attention.functional import (
     raw_scores,
     softmax_probs,
 )
+from ...hf_compat import module_cache, update_kv
 
 PROB_FLOOR = 1e-30  # probabilities are combined in log space; this floors log(0) of masked entries
 BLOCK_ROWS = 128  # query rows per block of a gradient-free prefill (chosen by measurement, see docs/RESULTS.md)
@@ -209,13 +210,13 @@ class LiSAAttention(nn.Module):
             self.lisa_q.weight.copy_(torch.empty(self.lisa_q.weight.shape).uniform_(-bound, bound, generator=gen))
             self.lisa_k.weight.zero_()  # the correction q_lr k_lr^T starts at exactly zero
 
-    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
-                past_key_values=None, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
         b, t, _ = hidden_states.shape
         v = getattr(self, self.v_name)(hidden_states).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B,Hkv,T,d)
         q, k = self.low_rank(hidden_states, position_embeddings)  # (B,H,T,r), (B,Hkv,T,r)
-        if past_key_values is not None:  # the cache stores k_lr (B,Hkv,S,r) and V, no full K
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        cache = module_cache(kwargs)
+        if cache is not None:  # the cache stores k_lr (B,Hkv,S,r) and V, no full K
+            k, v = update_kv(cache, self.layer_idx, k, v)
         donor = self.context.consume(self.donor, self.layer_idx)
         if self.blockwise(donor, t, k.shape[-2]):
             out = self.blocked_attention(donor, q, k, v, attention_mask)  # (B,T,H,d)

@@ -6,6 +6,7 @@ from torch import nn
 
 from ...arch import attention, geometry
 from ...bench.memory import cache_bytes
+from ...hf_compat import output_cache
 from ..base import state_of
 
 
@@ -22,7 +23,7 @@ def lisa_quantities(model: nn.Module, probe_tokens: int = 32) -> dict[str, float
     lisa = sum(p.numel() for n, p in attention(model, plan.layers[0]).named_parameters() if "lisa_" in n)
     ids = torch.zeros(1, probe_tokens, dtype=torch.long, device=next(model.parameters()).device)
     with torch.no_grad():
-        kv = cache_bytes(model(ids, use_cache=True).past_key_values)
+        kv = cache_bytes(output_cache(model(ids, use_cache=True)))
     base_kv = 2 * geo.num_layers * geo.num_kv_heads * geo.head_dim * dtype_bytes * probe_tokens
     return {
         "lisa_layers": len(plan.layers),

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicLayer
 
 from ...attention.context import DonorState, ShareContext
 from ...attention.functional import apply_probs, fused_attention, repeat_kv
+from ...hf_compat import module_cache, update_value_only
 
 
 def reuse_attention(state: DonorState, v: torch.Tensor, head_map: torch.Tensor | None) -> torch.Tensor:
@@ -31,24 +31,6 @@ def reuse_attention(state: DonorState, v: torch.Tensor, head_map: torch.Tensor |
     return fused_attention(q, k, v, state.mask, state.scaling)  # SDPA(Q_donor, K_donor, V_l) == P_donor V_l
 
 
-class ValueOnlyLayer(DynamicLayer):
-    """A dynamic cache slot whose K is zero-width: its length is read off V.
-
-    HF's DynamicLayer reads its length off K, and beam search reorders, selects and repeats a slot only when that
-    length is positive, so a V-only slot would otherwise keep the wrong beams' values.
-    """
-
-    def get_seq_length(self) -> int:
-        return self.values.shape[-2] if self.is_initialized else 0
-
-
-def mark_value_only(cache, layer_idx: int) -> None:
-    """Make this layer's slot of a DynamicCache count its length by V (other cache layer kinds count tokens)."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None and layer_idx < len(layers) and type(layers[layer_idx]) is DynamicLayer:
-        layers[layer_idx].__class__ = ValueOnlyLayer
-
-
 class SharedAttentionReceiver(nn.Module):
     """Replaces a receiver layer's attention: V and o_proj are the layer's own; its cache slot holds V only."""
 
@@ -66,13 +48,12 @@ class SharedAttentionReceiver(nn.Module):
             "head_map", torch.tensor(head_map, dtype=torch.long) if head_map else None, persistent=False
         )
 
-    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
-                past_key_values=None, **kwargs):
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
         b, t, _ = hidden_states.shape
         v = getattr(self, self.v_name)(hidden_states).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B,Hkv,T,d)
-        if past_key_values is not None:  # zero-width K: the cache really stores no K for this layer
-            _, v = past_key_values.update(v.new_empty(b, v.shape[1], t, 0), v, self.layer_idx)  # v (B,Hkv,S,d)
-            mark_value_only(past_key_values, self.layer_idx)
+        cache = module_cache(kwargs)
+        if cache is not None:  # zero-width K: the cache really stores no K for this layer
+            v = update_value_only(cache, self.layer_idx, v)  # (B,Hkv,S,d)
         state = self.context.consume(self.donor, self.layer_idx)
         out = reuse_attention(state, v, self.head_map)  # (B,T,H,d)
         return getattr(self, self.o_name)(out.reshape(b, t, -1)), None

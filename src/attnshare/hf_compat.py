@@ -1,0 +1,217 @@
+"""Every contact attnshare has with transformers beyond its top-level model classes, in one place.
+
+The library is tested on the transformers range declared in ``pyproject.toml`` (its lower bound and the newest
+release within it). Each difference between versions is handled here once, with a comment naming the version; no
+other module imports from ``transformers.cache_utils``, ``transformers.masking_utils`` or ``transformers.models``,
+names the cache keyword, or reads a cache slot's tensors.
+
+Notation: B batch, Hkv key/value heads, S cached tokens, d key or value width.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Iterator
+from importlib import metadata
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+log = logging.getLogger(__name__)
+
+# 5.24 renamed the cache keyword of every model, decoder-layer and attention forward (and the output field) from
+# ``past_key_values`` to ``cache``; earlier releases silently build a fresh cache when given ``cache=``.
+CACHE_NAMES = ("cache", "past_key_values")
+
+
+# ---- versions --------------------------------------------------------------------------------------------------
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of attnshare and of the packages whose range it declares (torch, transformers)."""
+    out = {}
+    for name in ("attnshare", "torch", "transformers"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def declared_ranges() -> dict[str, str]:
+    """The version ranges attnshare declares (= the ranges CI tests) for torch and transformers."""
+    from packaging.requirements import Requirement
+
+    ranges = {}
+    try:
+        requires = metadata.requires("attnshare") or []
+    except metadata.PackageNotFoundError:
+        return ranges
+    for line in requires:
+        req = Requirement(line)
+        if req.name in ("torch", "transformers") and req.marker is None:
+            ranges[req.name] = str(req.specifier)
+    return ranges
+
+
+def untested_packages() -> list[str]:
+    """'name version (tested: range)' for each installed package outside its declared range."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    have, out = versions(), []
+    for name, spec in declared_ranges().items():
+        try:
+            inside = Version(have[name]) in SpecifierSet(spec, prereleases=True)
+        except InvalidVersion:
+            inside = False
+        if not inside:
+            out.append(f"{name} {have[name]} (tested: {spec})")
+    return out
+
+
+@functools.cache
+def warn_if_untested() -> None:
+    """Log one warning per process when torch or transformers lies outside the tested range (it still runs)."""
+    outside = untested_packages()
+    if outside:
+        log.warning("attnshare is untested with %s; results may differ (see `attnshare --version`).",
+                    ", ".join(outside))
+
+
+# ---- the cache keyword -----------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _forward_cache_name(forward: Callable) -> str:
+    params = inspect.signature(forward).parameters  # follows the 5.24 deprecation wrapper (functools.wraps)
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_name(model) -> str:
+    """The keyword under which ``model``'s forward (and generate) takes a cache: 'cache' from 5.24 on."""
+    return _forward_cache_name(type(model).forward)
+
+
+def with_cache(model, cache) -> dict:
+    """``{name: cache}`` to pass to ``model(...)`` or ``model.generate(...)`` under the name it declares."""
+    return {cache_name(model): cache}
+
+
+def module_cache(kwargs: dict):
+    """The cache a decoder layer handed to its attention module, under either name (5.24: ``cache``)."""
+    for name in CACHE_NAMES:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
+def output_cache(output):
+    """The cache of a model output, read from its declared field (no deprecated property is touched)."""
+    for name in CACHE_NAMES:
+        if name in output.keys():  # noqa: SIM118 (5.24: `in` maps the old name to the new one, with a warning)
+            return output[name]
+    return None
+
+
+# ---- cache objects ---------------------------------------------------------------------------------------------
+
+
+def new_cache(model) -> DynamicCache:
+    """An empty dynamic cache laid out for ``model`` (sliding layers get sliding slots)."""
+    return DynamicCache(config=model.config)
+
+
+class ValueOnlyLayer(DynamicLayer):
+    """A dynamic cache slot whose K is zero-width (an SA receiver's): its length is read off V.
+
+    HF's DynamicLayer reads its length off K, and beam search and ``batch_repeat_interleave`` act on a slot only
+    when that length is positive, so a V-only slot would otherwise keep the wrong beams' values.
+    """
+
+    def get_seq_length(self) -> int:
+        return self.values.shape[-2] if self.is_initialized and self.values is not None else 0
+
+
+def _ensure_slot(cache, layer_idx: int, make: Callable[[], object]) -> None:
+    """Put ``make()`` in slot ``layer_idx`` if that slot is still a fresh plain dynamic slot (or does not exist yet:
+    a cache built without a config appends its slots as layers first write)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return
+    replicate = getattr(cache, "layer_class_to_replicate", None)
+    if layer_idx >= len(layers):
+        if replicate is not DynamicLayer:
+            return
+        while len(layers) < layer_idx:
+            layers.append(replicate())
+        layers.append(make())
+    elif type(layers[layer_idx]) is DynamicLayer and not layers[layer_idx].is_initialized:
+        layers[layer_idx] = make()
+
+
+def update_value_only(cache, layer_idx: int, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Append V (B,Hkv,T,d) to slot ``layer_idx`` with a zero-width K (nothing stored for K); returns V (B,Hkv,S,d).
+
+    A fresh plain slot becomes a :class:`ValueOnlyLayer` first; sliding slots count tokens themselves."""
+    _ensure_slot(cache, layer_idx, ValueOnlyLayer)
+    _, v = cache.update(v.new_empty(*v.shape[:-1], 0), v, layer_idx, **kwargs)
+    return v
+
+
+def update_kv(cache, layer_idx: int, k: torch.Tensor, v: torch.Tensor, **kwargs):
+    """Append K (B,Hkv,T,dk) and V (B,Hkv,T,dv) to slot ``layer_idx``; returns the cached K and V (…,S,…)."""
+    return cache.update(k, v, layer_idx, **kwargs)
+
+
+def slot_tensors(cache) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """(K, V) of every slot of a cache, each (B,Hkv,S,d) or None where a slot holds nothing yet."""
+    for layer in getattr(cache, "layers", ()):
+        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+        yield (k if isinstance(k, torch.Tensor) else None, v if isinstance(v, torch.Tensor) else None)
+
+
+def tile_cache(cache, repeats: int) -> None:
+    """Repeat every cached sequence ``repeats`` times along the batch, in place (public cache method)."""
+    cache.batch_repeat_interleave(repeats)
+
+
+def extend_cache(cache, length: int) -> None:
+    """Benchmark helper: repeat each slot's cached tokens until it holds ``length`` tokens, in place.
+
+    Only shapes matter for a decode-speed measurement; sliding slots keep their window as HF does. Caches have no
+    public way to grow without a forward, so the slot's tensors and token counter are set here.
+    """
+    for layer in cache.layers:
+        window = getattr(layer, "sliding_window", None)
+        keep = length if window is None else min(length, window - 1)
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                reps = -(-keep // t.shape[-2])
+                setattr(layer, name, t.repeat(1, 1, reps, 1)[:, :, :keep].contiguous())  # (B,Hkv,keep,d)
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length = length
+
+
+# ---- attention functions ---------------------------------------------------------------------------------------
+
+
+def attention_function(name: str) -> Callable:
+    """The registered attention function ``name`` ('sdpa', 'eager', ...)."""
+    return AttentionInterface()[name]
+
+
+def register_attention(name: str, function: Callable, mask_like: str) -> None:
+    """Register ``function`` as attention implementation ``name``, with ``mask_like``'s mask function (without a
+    mask function HF would silently build no causal mask for a custom name)."""
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, AttentionMaskInterface()[mask_like])
+
+
+def attn_implementation(model) -> str:
+    """The model's attention implementation name (the config has no public getter in 5.17–5.24)."""
+    return model.config._attn_implementation or "eager"
