@@ -13,6 +13,7 @@ from helpers import logits, random_ids
 
 import attnshare
 from attnshare.analysis.collect import calibration_blocks
+from attnshare.analysis.heads import head_maps_for, head_similarity
 from attnshare.analysis.metrics import (
     LN2,
     best_permutation,
@@ -21,11 +22,12 @@ from attnshare.analysis.metrics import (
     js_divergence,
     js_similarity,
 )
-from attnshare.analysis.planning import choose_lisa_layers, head_maps_for, plan_sa
 from attnshare.analysis.stats import AttentionStats, collect_stats
 from attnshare.arch import geometry
 from attnshare.errors import AttnshareError
+from attnshare.methods.lisa.planner import choose_lisa_layers
 from attnshare.methods.sa import SAConfig, SAPlan
+from attnshare.methods.sa.planner import plan_sa
 
 SMALL = {"calib_tokens": 64, "calib_seq_len": 32, "heldout_tokens": 32}
 
@@ -239,7 +241,7 @@ def test_unsupported_architecture_is_refused():
 def test_analyze_writes_numbers_and_heatmaps(tmp_path):
     from safetensors.torch import load_file
 
-    from attnshare.analysis import AnalyzeConfig, analyze
+    from attnshare.analysis.analyze import AnalyzeConfig, analyze
 
     model = tiny_model("llama", num_layers=4)
     config = AnalyzeConfig(tokens=64, seq_len=32, skip_rows=4, heldout_tokens=32, sensitivity_every=1)
@@ -260,7 +262,7 @@ def test_analyze_writes_numbers_and_heatmaps(tmp_path):
 
 
 def test_analyze_sampled_sensitivity_and_window():
-    from attnshare.analysis import AnalyzeConfig, analyze
+    from attnshare.analysis.analyze import AnalyzeConfig, analyze
 
     model = tiny_model("gemma3_text", num_layers=6)
     config = AnalyzeConfig(tokens=64, seq_len=32, skip_rows=4, heldout_tokens=32, sensitivity_every=2,
@@ -341,7 +343,6 @@ def test_unsupported_model_folder_is_refused_by_analyze(tmp_path, capsys):
 @pytest.mark.real
 def test_real_model_head_alignment_beats_identity(real_model):
     """On SmolLM2, the Hungarian head map of an adjacent pair is a permutation at least as similar as the identity."""
-    from attnshare.analysis.planning import head_similarity
 
     model, tok = real_model
     sims = head_similarity(model, [(4, 5)], tokens=256, seq_len=256, tokenizer=tok)

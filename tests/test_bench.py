@@ -28,10 +28,10 @@ from attnshare.bench import (
 )
 from attnshare.bench.bytemodel import causal_pairs, kv_cache_bytes
 from attnshare.bench.harness import Scenario
-from attnshare.bench.memory import cache_bytes
 from attnshare.cli import main
 from attnshare.errors import AttnshareError
 from attnshare.hf_compat import tile_cache
+from attnshare.memory import cache_bytes
 from attnshare.methods.sa import SAPlan
 from attnshare.methods.sa.plan import nearest_donors
 

@@ -7,7 +7,7 @@ import json
 import pytest
 from test_cli import tiny_folder  # noqa: F401  (fixture)
 
-import attnshare.paths
+import attnshare.report.demo
 from attnshare.cli import main
 from attnshare.errors import AttnshareError
 from attnshare.report.demo import DemoConfig
@@ -16,7 +16,7 @@ from attnshare.report.demo import DemoConfig
 def test_demo_writes_a_report_with_every_method(tiny_folder, tmp_path, monkeypatch, capsys):  # noqa: F811
     folder, _ = tiny_folder
     cache = tmp_path / "cache"
-    monkeypatch.setattr(attnshare.paths, "cache_dir", lambda: cache)  # the trained LiSA artifact is cached here
+    monkeypatch.setattr(attnshare.report.demo, "cache_dir", lambda: cache)  # the trained LiSA artifact is cached here
     out = tmp_path / "report"
     argv = ["demo", "--model", str(folder), "--out", str(out), "--ppl-tokens", "128", "--window", "64",
             "--proxy-items", "8", "--calib-tokens", "64", "--heldout-tokens", "32", "--sa-budgets", "1", "2",

@@ -9,9 +9,9 @@ from conftest import tiny_model
 from test_cli import tiny_folder  # noqa: F401  (fixture)
 
 import attnshare
-from attnshare.analysis.planning import plan_sa
 from attnshare.cli import main
 from attnshare.methods.sa import SAConfig
+from attnshare.methods.sa.planner import plan_sa
 
 SMALL = {"calib_tokens": 64, "calib_seq_len": 32, "heldout_tokens": 32, "shortlist": 5}
 

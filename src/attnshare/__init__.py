@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401 (re-exported)
 
 _API = {
-    "load_model": "attnshare.models",
+    "load_model": "attnshare.api",
     "model_identity": "attnshare.models",
     "perplexity": "attnshare.evaluate.perplexity",
     "PerplexityConfig": "attnshare.evaluate.perplexity",
@@ -24,17 +24,17 @@ _API = {
     "save": "attnshare.api",
     "load": "attnshare.api",
     "applied_plans": "attnshare.api",
-    "load_plans": "attnshare.plan",
+    "load_plans": "attnshare.sharing.registry",
     "save_plans": "attnshare.plan",
-    "get_method": "attnshare.methods",
+    "get_method": "attnshare.sharing.registry",
     "train": "attnshare.api",
     "train_shared": "attnshare.training",
     "TrainConfig": "attnshare.training",
     "AttnshareError": "attnshare.errors",
     "load_text": "attnshare.data",
-    "analyze": "attnshare.analysis",
-    "AnalyzeConfig": "attnshare.analysis",
-    "run_bench": "attnshare.bench",
+    "analyze": "attnshare.analysis.analyze",
+    "AnalyzeConfig": "attnshare.analysis.analyze",
+    "run_bench": "attnshare.bench.harness",
 }
 
 __all__ = list(_API)

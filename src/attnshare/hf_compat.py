@@ -53,7 +53,8 @@ def declared_ranges() -> dict[str, str]:
     for line in requires:
         req = Requirement(line)
         if req.name in ("torch", "transformers") and req.marker is None:
-            ranges[req.name] = str(req.specifier)
+            lower_first = sorted(req.specifier, key=lambda spec: spec.operator.startswith("<"))
+            ranges[req.name] = ",".join(str(spec) for spec in lower_first)
     return ranges
 
 

@@ -1,7 +1,15 @@
-"""Where attnshare keeps downloaded and converted assets (never inside the repository)."""
+"""Where attnshare keeps downloaded and converted assets (never inside the repository), and how files are read and
+written there without leaving anything half-written."""
 
+import json
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from .errors import AttnshareError
 
 CACHE_ENV = "ATTNSHARE_CACHE"
 
@@ -12,3 +20,30 @@ def cache_dir() -> Path:
         return Path(os.environ[CACHE_ENV]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "attnshare"
+
+
+def write_folder(target: Path, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` fills a temporary folder beside ``target``, which then replaces ``target`` in one rename, so an
+    interrupted write leaves nothing half-written."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        write(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def read_json(path: Path, missing: str, corrupt: str) -> Any:
+    """The JSON value in ``path``; ``missing`` / ``corrupt`` (with ``{error}``, the exception's name) are the
+    one-sentence errors for an absent file and for one that is not JSON."""
+    if not Path(path).is_file():
+        raise AttnshareError(missing)
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AttnshareError(corrupt.format(error=e.__class__.__name__)) from e

@@ -42,38 +42,20 @@ def int_keys(mapping: dict) -> dict[int, Any]:
 def check_layer(layer: int, geo: Geometry, what: str) -> None:
     if not 0 <= layer < geo.num_layers:
         raise AttnshareError(
-            f"The plan names {what} layer {layer}, but the model has layers 0..{geo.num_layers - 1}; "
-            "make the plan for this model."
+            f"The plan names {what} layer {layer}, out of range for a {geo.num_layers}-layer model (layers "
+            f"0..{geo.num_layers - 1}); make the plan for this model."
         )
 
 
-def plan_from_dict(data: dict[str, Any]) -> Plan:
-    from .methods import get_method
-
-    if not isinstance(data, dict) or "method" not in data:
-        raise AttnshareError("A plan must be a JSON object with a 'method' field; write it with `attnshare plan`.")
-    try:
-        return get_method(data["method"]).plan_cls.from_dict(data)
-    except (KeyError, TypeError, ValueError) as e:
-        if isinstance(e, AttnshareError):
-            raise
-        raise AttnshareError(f"The {data['method']} plan is malformed ({e}); write it with `attnshare plan`.") from e
-
-
-def plans_from_json(obj: Any) -> list[Plan]:
-    """One plan object or a list of them."""
-    return [plan_from_dict(d) for d in (obj if isinstance(obj, list) else [obj])]
-
-
-def load_plans(path: str | Path) -> list[Plan]:
-    path = Path(path)
-    if not path.is_file():
-        raise AttnshareError(f"The plan file '{path}' does not exist; write one with `attnshare plan`.")
-    try:
-        obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AttnshareError(f"The plan file '{path}' is not valid JSON ({e.__class__.__name__}); write it again.") from e
-    return plans_from_json(obj)
+def check_layer_list(layers: list[int], flag: str, what: str, why_not_zero: str) -> None:
+    """Refuse negative, zero or repeated layer indices in a config's ``flag`` list (before any model is loaded)."""
+    if any(layer < 0 for layer in layers):
+        raise AttnshareError(f"{what} {min(layers)} is not a layer index; pick layers from 1 up.")
+    if 0 in layers:
+        raise AttnshareError(f"Layer 0 {why_not_zero}; leave it out of {flag}.")
+    if len(set(layers)) != len(layers):
+        twice = next(layer for layer in layers if layers.count(layer) > 1)
+        raise AttnshareError(f"{flag} lists layer {twice} twice; list each layer once.")
 
 
 def save_plans(plans: Plan | list[Plan], path: str | Path) -> None:

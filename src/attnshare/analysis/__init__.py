@@ -1,13 +1,10 @@
-"""Attention analysis (layer/head similarity, sensitivity, heatmaps) and the planners built on it.
+"""Analysis: measurements of a base model that the planners and reports build on.
 
-- :func:`analyze` / :class:`AnalyzeConfig`: one run of every measure; ``Analysis.save(dir)`` writes JSON,
-  safetensors and heatmaps.
-- :mod:`.planning`: :func:`head_maps_for`, :func:`choose_lisa_layers`, :func:`plan_sa`.
-- :mod:`.metrics`: the pure similarity functions; :mod:`.stats`: streaming accumulators.
-- :mod:`.weights`: data-free weight similarity (DirectShare's matching).
+- :mod:`.metrics`: the pure similarity functions; :mod:`.stats`: streaming accumulators; :mod:`.collect`:
+  calibration tokens and attention recording.
+- :mod:`.heads`: head similarity between layers and the best head permutation (SA aligned, LiSA's init).
+- :mod:`.weights`: data-free weight similarity of attention units (what DirectShare matches by).
+- :mod:`.sensitivity`: how far a plan moves the next-token distribution (KL, ppl).
+- :mod:`.analyze` / :mod:`.report`: one ``attnshare analyze`` run of every measure (including the methods' own
+  matching and sensitivity), its JSON/safetensors and heatmaps; these two sit above the methods.
 """
-
-from .analyze import Analysis, AnalyzeConfig, analyze
-from .planning import choose_lisa_layers, head_maps_for, plan_sa
-
-__all__ = ["Analysis", "AnalyzeConfig", "analyze", "choose_lisa_layers", "head_maps_for", "plan_sa"]

@@ -15,9 +15,11 @@ from torch import nn
 
 from ..arch import geometry
 from ..errors import AttnshareError
+from ..methods.directshare.planner import best_matches, match_statistics
+from ..methods.sa.planner import PlanProbe
 from .collect import calibration_blocks, check_base_model, check_calibration_text
 from .metrics import best_match, best_permutation
-from .planning import PlanProbe
+from .report import save_analysis
 from .stats import collect_stats
 
 log = logging.getLogger(__name__)
@@ -129,22 +131,15 @@ class Analysis:
 
     def save(self, out_dir, plots: bool = True) -> list:
         """Write ``analysis.json``, ``analysis.safetensors`` and (with matplotlib) the heatmaps; returns the paths."""
-        from .report import save_analysis
-
         return save_analysis(self, out_dir, plots=plots)
 
 
 def weight_section(model: nn.Module, match: str):
-    """Best weight matches and their summary, or (None, {}) when the weight module is not available."""
+    """Best weight matches and their summary, or (None, {}) for ``match == "none"``."""
     if match == "none":
         return None, {}
-    try:
-        from . import weights
-    except ImportError:  # pragma: no cover - analysis/weights.py ships with DirectShare
-        log.warning("weight similarity skipped: attnshare.analysis.weights is not available")
-        return None, {}
-    matches = weights.best_matches(model, match)
-    return matches, weights.match_statistics(matches)
+    matches = best_matches(model, match)
+    return matches, match_statistics(matches)
 
 
 def analyze(model: nn.Module, config: AnalyzeConfig | None = None, *, tokenizer=None, progress: bool = True) -> Analysis:

@@ -18,7 +18,7 @@ from ..attention.dispatch import clear_hook, install, set_hook, uninstall
 from ..attention.functional import attention_probs, eager_attention
 from ..data import load_text, token_blocks
 from ..errors import AttnshareError
-from ..methods.base import state_of
+from ..sharing.state import state_of
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Sensitivity: how much the next-token distribution moves when a sharing plan is applied.
 
-Plans are applied with :func:`attnshare.apply` (``keep_originals=True``, so undoing needs no reload) and undone
+Plans are applied with :func:`attnshare.sharing.apply.apply` (``keep_originals=True``, so undoing needs no reload) and undone
 after each measurement; the reference log-probabilities of the unshared model are computed once.
 """
 
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..plan import Plan
+from ..sharing.apply import apply, unapply
 
 
 @dataclass
@@ -51,8 +52,6 @@ def divergence(model: nn.Module, blocks: torch.Tensor, reference: list[torch.Ten
 
 def plan_divergence(model: nn.Module, plan: Plan, blocks: torch.Tensor, reference: list[torch.Tensor]) -> Divergence:
     """Apply ``plan`` to the (base) ``model``, measure :func:`divergence`, and undo it (the model ends unchanged)."""
-    from ..api import apply, unapply
-
     apply(model, plan, keep_originals=True)
     try:
         return divergence(model, blocks, reference)

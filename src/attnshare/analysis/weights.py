@@ -1,4 +1,4 @@
-"""Weight similarity of attention units across layers (DirectShare's data-free matching, SPEC §3.1, §3.4).
+"""Weight similarity of attention units across layers (the measure DirectShare matches by, SPEC §3.1, §3.4).
 
 A *unit* is what DirectShare shares: a head for multi-head attention (H == Hkv), a KV group for GQA (its G query
 heads, its K head and its V head), so shared K/V always stay with the queries that read them. Every unit of a layer
@@ -13,10 +13,7 @@ layer's norms (the norms act per layer, the shared thing is the projection slice
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -117,73 +114,3 @@ def unit_similarity(model: nn.Module, layer_a: int, layer_b: int, match: str = D
         if not 0 <= layer < geo.num_layers:
             raise AttnshareError(f"Layer {layer} does not exist; the model has layers 0..{geo.num_layers - 1}.")
     return cosine_matrix(unit_vectors(model, layer_a, match), unit_vectors(model, layer_b, match))
-
-
-@dataclass
-class WeightMatches:
-    """Each unit's best match among all units of all earlier layers (layer 0 has none)."""
-
-    score: torch.Tensor  # (L, U) float: best cosine; NaN for layer 0
-    layer: torch.Tensor  # (L, U) long: layer of the best match; -1 for layer 0
-    unit: torch.Tensor  # (L, U) long: unit of the best match; -1 for layer 0
-    match: str
-    unit_kind: str  # "head" or "kv_group"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "match": self.match,
-            "unit_kind": self.unit_kind,
-            "score": [[None if math.isnan(s) else float(s) for s in row] for row in self.score.tolist()],  # NaN -> null
-            "layer": self.layer.tolist(),
-            "unit": self.unit.tolist(),
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> WeightMatches:
-        score = [[float("nan") if s is None else s for s in row] for row in data["score"]]
-        return cls(torch.tensor(score, dtype=torch.float32), torch.tensor(data["layer"], dtype=torch.long),
-                   torch.tensor(data["unit"], dtype=torch.long), data["match"], data["unit_kind"])
-
-
-def best_matches_from_vectors(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Best earlier-layer match of every unit from its vectors (L, U, n): score, layer, unit, each (L, U).
-
-    Ties go to the lowest (layer, unit), so the result is deterministic.
-    """
-    num_layers, num_units, _ = vectors.shape
-    flat = F.normalize(vectors.float(), dim=-1).reshape(num_layers * num_units, -1)  # (L*U, n)
-    score = torch.full((num_layers, num_units), float("nan"))
-    layer = torch.full((num_layers, num_units), -1, dtype=torch.long)
-    unit = torch.full((num_layers, num_units), -1, dtype=torch.long)
-    for l in range(1, num_layers):
-        sims = flat[l * num_units : (l + 1) * num_units] @ flat[: l * num_units].T  # (U, l*U)
-        best, index = sims.max(dim=1)  # (U,)
-        score[l], layer[l], unit[l] = best, index // num_units, index % num_units
-    return score, layer, unit
-
-
-def best_matches(model: nn.Module, match: str = DEFAULT_MATCH) -> WeightMatches:
-    """For every unit of layer >= 1, its most similar unit (cosine) among all units of all earlier layers."""
-    check_match(match)
-    geo = geometry(model)
-    vectors = torch.stack([unit_vectors(model, l, match) for l in range(geo.num_layers)])  # (L, U, n)
-    score, layer, unit = best_matches_from_vectors(vectors)
-    return WeightMatches(score, layer, unit, match, unit_kind(geo))
-
-
-def match_statistics(matches: WeightMatches) -> dict[str, float]:
-    """Summary of best-match scores (median, max, min, mean) and how often the match is the adjacent layer and the
-    same unit index (over units of layers >= 1)."""
-    num_layers, num_units = matches.score.shape
-    score = matches.score[1:].flatten()  # ((L-1)*U,)
-    here = torch.arange(1, num_layers).unsqueeze(1).expand(-1, num_units)  # (L-1, U) own layer
-    own_unit = torch.arange(num_units).expand(num_layers - 1, -1)  # (L-1, U) own unit index
-    return {
-        "units": float(score.numel()),
-        "median": float(score.median()),
-        "mean": float(score.mean()),
-        "max": float(score.max()),
-        "min": float(score.min()),
-        "adjacent_layer_share": float((matches.layer[1:] == here - 1).float().mean()),
-        "same_unit_share": float((matches.unit[1:] == own_unit).float().mean()),
-    }

@@ -5,6 +5,7 @@
 - ``harness``: scenarios, variants, :func:`run_bench` and its :class:`BenchResult` (markdown + JSON).
 """
 
+from ..memory import cache_bytes, parameter_bytes
 from .bytemodel import (
     ModelCosts,
     decode_bytes,
@@ -26,7 +27,6 @@ from .harness import (
     plan_variant,
     run_bench,
 )
-from .memory import cache_bytes, parameter_bytes
 
 __all__ = [
     "SCENARIOS", "BenchConfig", "BenchResult", "ModelCosts", "Scenario", "Variant", "artifact_variant", "base_variant",

@@ -128,7 +128,7 @@ def _matmul_flops(model: nn.Module, ids: torch.Tensor) -> int:
 def model_costs(model: nn.Module) -> ModelCosts:
     """Measure the byte model's inputs on ``model``: weights, per-layer cache bytes and widths, matmul FLOPs."""
     from ..arch import geometry
-    from .memory import layer_cache_bytes
+    from ..memory import layer_cache_bytes
 
     geo = geometry(model)
     device = next(model.parameters()).device

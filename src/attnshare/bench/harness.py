@@ -28,11 +28,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..api import apply, load, read_artifact
 from ..errors import AttnshareError
 from ..hf_compat import extend_cache, new_cache, tile_cache, with_cache
+from ..memory import cache_bytes, parameter_bytes
 from . import bytemodel
 from .bytemodel import ModelCosts
-from .memory import PeakMemory, cache_bytes, parameter_bytes
+from .memory import PeakMemory
 
 log = logging.getLogger(__name__)
 
@@ -94,21 +96,15 @@ def base_variant(base: nn.Module, name: str = "base") -> Variant:
 
 def plan_variant(base: nn.Module, plans, name: str | None = None) -> Variant:
     """A copy of ``base`` with ``plans`` applied (the base itself is left untouched)."""
-    import attnshare
-
     plans = plans if isinstance(plans, list) else [plans]
     label = name or "; ".join(p.summary() for p in plans)
-    return Variant(label, lambda: attnshare.apply(copy.deepcopy(base), plans))
+    return Variant(label, lambda: apply(copy.deepcopy(base), plans))
 
 
 def artifact_variant(base: nn.Module, path: str | Path, name: str | None = None) -> Variant:
     """A copy of ``base`` rebuilt from an attnshare artifact (refused if the artifact has another base)."""
-    import attnshare
-
-    from ..api import read_artifact
-
     read_artifact(path)  # fail on a bad artifact before any model work
-    return Variant(name or Path(path).name, lambda: attnshare.load(path, model=copy.deepcopy(base))[0])
+    return Variant(name or Path(path).name, lambda: load(path, model=copy.deepcopy(base))[0])
 
 
 @dataclass

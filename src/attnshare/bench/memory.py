@@ -1,4 +1,4 @@
-"""Exact memory quantities measured from tensors (KV-cache bytes, parameter bytes) and peak-memory tracking."""
+"""Peak-memory tracking of a block of work (CUDA allocator peak, or the CPU process's peak resident set)."""
 
 from __future__ import annotations
 
@@ -7,31 +7,8 @@ from pathlib import Path
 from typing import Self
 
 import torch
-from torch import nn
-
-from ..hf_compat import slot_tensors
 
 log = logging.getLogger(__name__)
-
-
-def layer_cache_bytes(cache) -> list[int]:
-    """Bytes of each cache layer's key and value tensors (zero-width K counts 0)."""
-    return [sum(t.numel() * t.element_size() for t in pair if t is not None) for pair in slot_tensors(cache)]
-
-
-def cache_bytes(cache) -> int:
-    """Bytes held by a HF cache's key and value tensors, summed over layers (zero-width K counts 0)."""
-    return sum(layer_cache_bytes(cache))
-
-
-def parameter_bytes(model: nn.Module) -> int:
-    """Bytes of unique parameters (shared tensors counted once)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
-    return total
 
 
 def _status_kib(field: str) -> int | None:

@@ -1,31 +1,12 @@
-"""Registry of sharing methods: name -> "module:Class", imported only when used."""
+"""The sharing methods, one folder each: config, plan, modules, planner and training side by side.
 
-from __future__ import annotations
+- ``sa/``: Shared Attention; ``lisa/``: LiSA; ``directshare/``: DirectShare; ``postshare/``: PostShare.
+- ``base``: the :class:`SharingMethod` interface; ``surgery``: detaching/reattaching projections.
 
-import importlib
+Methods are found by name through :mod:`attnshare.sharing.registry` (``get_method``), which imports a method's
+folder only when it is used.
+"""
 
-from ..errors import AttnshareError
-from .base import SharingMethod
+from ..sharing.registry import METHODS, get_method, method_names, register_method
 
-METHODS: dict[str, str] = {
-    "sa": "attnshare.methods.sa:SA",
-    "lisa": "attnshare.methods.lisa:LiSA",
-    "directshare": "attnshare.methods.directshare:DirectShare",
-    "postshare": "attnshare.methods.postshare:PostShare",
-}
-
-
-def register_method(name: str, target: str) -> None:
-    """Register a method by import path ("package.module:Class"), e.g. from a plug-in."""
-    METHODS[name] = target
-
-
-def get_method(name: str) -> SharingMethod:
-    if name not in METHODS:
-        raise AttnshareError(f"Unknown method '{name}'; choose one of: {', '.join(sorted(METHODS))}.")
-    module, cls = METHODS[name].split(":")
-    return getattr(importlib.import_module(module), cls)()
-
-
-def method_names() -> list[str]:
-    return sorted(METHODS)
+__all__ = ["METHODS", "get_method", "method_names", "register_method"]

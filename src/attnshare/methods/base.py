@@ -1,52 +1,17 @@
-"""The interface every sharing method implements, and the sharing state kept on a model."""
+"""The interface every sharing method implements (the state it keeps on a model: :mod:`attnshare.sharing.state`)."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..attention.context import ShareContext
 from ..plan import Plan
-
-STATE_ATTR = "attnshare_state"
-
-
-@dataclass
-class Applied:
-    """One applied plan and how to undo it (callables run in reverse order)."""
-
-    plan: Plan
-    undo: list[Callable[[], None]] = field(default_factory=list)
-
-
-@dataclass
-class SharingState:
-    """Plain (non-module) attribute of a shared model: what was applied, and the per-forward context."""
-
-    identity: dict[str, Any]
-    context: ShareContext = field(default_factory=ShareContext)
-    applied: list[Applied] = field(default_factory=list)
-    keep_originals: bool = False
-    trained: set[str] = field(default_factory=set)  # parameter names changed by training: saved in artifacts
-    _base_state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
-
-    def base_state_dict(self) -> dict[str, torch.Tensor]:
-        """The base model's weights, reloaded from its source (used to undo surgery that freed weights)."""
-        if self._base_state is None:
-            from ..models import load_model
-
-            base, _ = load_model(self.identity["base_model"], num_layers=self.identity["num_layers"])
-            self._base_state = base.state_dict()
-        return self._base_state
-
-
-def state_of(model: nn.Module) -> SharingState | None:
-    return getattr(model, STATE_ATTR, None)
+from ..sharing.apply import apply
+from ..sharing.state import Applied, SharingState
+from ..training import train_shared
 
 
 class SharingMethod(ABC):
@@ -83,8 +48,5 @@ class SharingMethod(ABC):
         Methods override this when training comes first (PostShare) or in stages (LiSA's layer-local fit).
         Returns the :class:`attnshare.training.TrainResult` of the (last) training stage.
         """
-        from ..api import apply
-        from ..training import train_shared
-
         apply(model, plan)
         return train_shared(model, tokenizer, config, teacher=teacher)

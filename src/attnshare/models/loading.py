@@ -5,17 +5,16 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..arch import arch_of
 from ..errors import AttnshareError
-from ..paths import cache_dir
+from ..hf_compat import warn_if_untested
+from ..paths import cache_dir, write_folder
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,6 @@ def embedded_path(name: str) -> Path:
         return target
     folder = _gguf_folder(spec)
     log.info("Converting %s from GGUF into %s (once)", spec.gguf_file, target)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=spec.gguf_file)
     quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.gguf_file, dtype=torch.float32)
@@ -72,17 +70,12 @@ def embedded_path(name: str) -> Path:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict())
     plain.generation_config = quantized.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
-    try:  # write aside, then rename: an interrupted conversion leaves nothing half-written
+
+    def write(tmp: Path) -> None:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    return write_folder(target, write)
 
 
 def resolve(name_or_path: str) -> str:
@@ -98,23 +91,14 @@ def load_model(
     attn_implementation: str = "sdpa",
     device: str | torch.device = "cpu",
 ):
-    """Load ``(model, tokenizer)``.
+    """Load a base ``(model, tokenizer)``.
 
     Args:
         name_or_path: an embedded name (``smollm2-135m``), a local folder, or a Hugging Face id already in the
-            local HF cache (nothing is ever downloaded).
+            local HF cache (nothing is ever downloaded). Artifacts are loaded by :func:`attnshare.api.load_model`.
         num_layers: keep only the first ``num_layers`` decoder layers (fast tests and experiments).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ..api import is_artifact
-
-    if is_artifact(name_or_path):  # an attnshare artifact: its base model with the plans re-applied
-        from ..api import load, read_artifact
-
-        base = read_artifact(name_or_path)["base"]["base_model"]
-        model, _ = load(name_or_path, dtype=dtype, device=device)
-        return model, AutoTokenizer.from_pretrained(resolve(base), local_files_only=True)
+    warn_if_untested()
     source = resolve(name_or_path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -137,6 +121,11 @@ def load_model(
     model.config.attnshare_base = name_or_path
     model.eval()
     return model.to(device), tokenizer
+
+
+def load_base(identity: dict, *, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"):
+    """The base ``(model, tokenizer)`` an identity (see :func:`model_identity`) names, e.g. a teacher to distil from."""
+    return load_model(identity["base_model"], dtype=dtype, num_layers=identity.get("num_layers"), device=device)
 
 
 def _first_line(e: Exception) -> str:

@@ -16,8 +16,20 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..analysis.analyze import AnalyzeConfig, analyze
+from ..analysis.report import save_analysis
+from ..api import load, load_model, save, train
+from ..bench.harness import BenchConfig, artifact_variant, base_variant, get_scenario, plan_variant, run_bench
+from ..data import load_text
 from ..errors import AttnshareError
 from ..evaluate.perplexity import PerplexityConfig
+from ..evaluate.proxies import make_proxy_items
+from ..methods.sa import SAConfig, SAPlan
+from ..models.loading import model_identity
+from ..paths import cache_dir
+from ..sharing.registry import get_method
+from ..training import TrainConfig
+from ..version import __version__
 from .variants import Baseline, VariantRow, baseline, measure_plans
 
 log = logging.getLogger(__name__)
@@ -90,16 +102,12 @@ Step = Callable[[Report, torch.nn.Module, object], None]
 def step_base(report: Report, model, tokenizer) -> None:
     cfg = report.config
     if cfg.proxy_items:
-        from ..data import load_text
-        from ..evaluate.proxies import make_proxy_items
 
         report.proxy_items = make_proxy_items(["next_sentence"], load_text(cfg.text), cfg.proxy_items, 0, cfg.text)
     report.base = baseline(model, tokenizer, cfg.ppl_config(), progress=False, proxy_items=report.proxy_items)
 
 
 def step_analyze(report: Report, model, tokenizer) -> None:
-    from ..analysis import AnalyzeConfig, analyze
-    from ..analysis.report import save_analysis
 
     cfg = report.config
     config = AnalyzeConfig(tokens=cfg.calib_tokens, seq_len=min(512, cfg.calib_tokens), sensitivity_every=3,
@@ -120,8 +128,6 @@ def _planner_settings(cfg: DemoConfig) -> dict:
 
 
 def step_sa(report: Report, model, tokenizer) -> None:
-    from ..methods import get_method
-    from ..methods.sa import SAConfig, SAPlan
 
     cfg, sa = report.config, get_method("sa")
     budgets = [b for b in cfg.sa_budgets if b < model.config.num_hidden_layers]
@@ -137,16 +143,10 @@ def step_sa(report: Report, model, tokenizer) -> None:
 def step_lisa(report: Report, model, tokenizer) -> None:
     import copy
 
-    import attnshare
-
-    from ..methods import get_method
-    from ..models import model_identity
-    from ..paths import cache_dir
-    from ..training import TrainConfig
     from .variants import measure
 
     cfg, lisa = report.config, get_method("lisa")
-    key = f"{model_identity(model)['fingerprint']}-v{attnshare.__version__}-f{cfg.lisa_fraction:g}-m{cfg.lisa_minutes:g}-c{cfg.calib_tokens}"
+    key = f"{model_identity(model)['fingerprint']}-v{__version__}-f{cfg.lisa_fraction:g}-m{cfg.lisa_minutes:g}-c{cfg.calib_tokens}"
     cached = cache_dir() / "demo" / f"lisa-{key}"
     shared = _load_cached(cached, model)
     if shared is not None:
@@ -155,9 +155,9 @@ def step_lisa(report: Report, model, tokenizer) -> None:
         config = lisa.config_cls(fraction=cfg.lisa_fraction, **_lisa_settings(lisa, cfg))
         plan = lisa.make_plan(model, config)
         shared = copy.deepcopy(model)
-        train = TrainConfig(max_minutes=cfg.lisa_minutes, max_steps=100_000, progress=False)
-        result = attnshare.train(shared, tokenizer, plan, train)
-        attnshare.save(shared, cached)
+        budget = TrainConfig(max_minutes=cfg.lisa_minutes, max_steps=100_000, progress=False)
+        result = train(shared, tokenizer, plan, budget)
+        save(shared, cached)
         notes = f"trained {result.seconds / 60:.1f} min, {result.steps} steps"
     row = measure(shared, tokenizer, cfg.ppl_config(), report.base, name=f"lisa {cfg.lisa_fraction:g}",
                   method="lisa", notes=notes, progress=False, proxy_items=report.proxy_items)
@@ -170,12 +170,11 @@ def _load_cached(path: Path, model):
     """The cached trained artifact on a copy of `model`, or None when absent or written by an incompatible version."""
     import copy
 
-    import attnshare
 
     if not (path / "attnshare.json").is_file():
         return None
     try:
-        shared, _ = attnshare.load(path, model=copy.deepcopy(model))
+        shared, _ = load(path, model=copy.deepcopy(model))
     except Exception as err:  # noqa: BLE001 -- a stale cache must never stop the demo: retrain instead
         log.warning("cached LiSA artifact %s cannot be loaded (%s); training again", path, err)
         return None
@@ -191,7 +190,6 @@ def _lisa_settings(lisa, cfg: DemoConfig) -> dict:
 
 
 def step_directshare(report: Report, model, tokenizer) -> None:
-    from ..methods import get_method
 
     ds = get_method("directshare")
     for ratio in report.config.ds_ratios:
@@ -201,7 +199,6 @@ def step_directshare(report: Report, model, tokenizer) -> None:
 
 
 def step_bench(report: Report, model, tokenizer) -> None:
-    from ..bench.harness import BenchConfig, artifact_variant, base_variant, get_scenario, plan_variant, run_bench
 
     cfg = report.config
     variants = [base_variant(model)]
@@ -243,7 +240,6 @@ STEPS: list[tuple[str, Step]] = [
 
 
 def run_demo(config: DemoConfig) -> Report:
-    from ..models import load_model
 
     report = Report(config)
     report.out.mkdir(parents=True, exist_ok=True)

@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from ..bench.memory import cache_bytes
 from ..evaluate.perplexity import PerplexityConfig, perplexity
 from ..hf_compat import output_cache
+from ..memory import cache_bytes
 
 PROBE_TOKENS = 8  # tokens of the short forward whose cache is measured
 

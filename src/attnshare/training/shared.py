@@ -7,8 +7,9 @@ import json
 import logging
 
 from ..errors import AttnshareError
-from ..methods import get_method
-from ..methods.base import state_of
+from ..models.loading import load_base
+from ..sharing.registry import get_method
+from ..sharing.state import state_of
 from .loop import TrainConfig, TrainResult, train
 from .losses import Objective, distill_objective
 
@@ -45,10 +46,7 @@ def train_shared(model, tokenizer, config: TrainConfig | None = None, teacher=No
     names = trainable_names(model)
     state = state_of(model)
     if teacher is None:
-        from ..models import load_model
-
-        dtype = next(model.parameters()).dtype
-        teacher, _ = load_model(state.identity["base_model"], dtype=dtype, num_layers=state.identity["num_layers"])
+        teacher, _ = load_base(state.identity, dtype=next(model.parameters()).dtype)
     objective = objective or distill_objective(config.distill_temperature, config.attention_kl_weight)
     log.info("training %d tensors (%d parameters)", len(names),
              sum(p.numel() for n, p in model.named_parameters() if n in set(names)))

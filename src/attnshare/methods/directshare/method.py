@@ -5,14 +5,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...analysis.weights import best_matches, projection_weight, unit_cols, unit_rows, units
+from ...analysis.weights import projection_weight, unit_cols, unit_rows, units
 from ...arch import arch_of, attention, geometry
 from ...errors import AttnshareError
-from ..base import Applied, SharingMethod, SharingState
+from ...sharing.state import Applied, SharingState
+from ..base import SharingMethod
 from ..surgery import detach, reattach
 from .config import DirectShareConfig
 from .modules import ROW_KINDS, GatheredLinear, UnitBank
 from .plan import DirectSharePlan, select_pairs
+from .planner import best_matches
 
 BANK = "attnshare_unit_bank"  # attribute of the causal LM holding the UnitBank
 

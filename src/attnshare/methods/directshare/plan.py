@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...analysis.weights import WeightMatches, check_match, units
+from ...analysis.weights import check_match, units
 from ...arch import Geometry
 from ...errors import AttnshareError
 from ...plan import Plan, check_layer
+from .planner import WeightMatches
 
 Pair = tuple[int, int, int, int]  # (layer, unit, root layer, root unit)
 
@@ -33,8 +34,8 @@ class DirectSharePlan(Plan):
             check_layer(root_layer, geo, "root")
             if not (0 <= unit < num_units and 0 <= root_unit < num_units):
                 raise AttnshareError(
-                    f"The plan names unit {max(unit, root_unit)}, but the model has units 0..{num_units - 1} per layer; "
-                    "make the plan for this model."
+                    f"The plan names unit {max(unit, root_unit)}, out of range for a model with {num_units} units per "
+                    f"layer (units 0..{num_units - 1}); make the plan for this model."
                 )
             if root_layer >= layer:
                 raise AttnshareError(

@@ -15,13 +15,16 @@ from pathlib import Path
 
 import torch
 
+from ...analysis.weights import MATCH_FUNCTIONS
+from ...evaluate.perplexity import PerplexityConfig, perplexity
+from ...models.loading import load_model
+from ...sharing.apply import apply, unapply
+from .config import DirectShareConfig
+from .method import DirectShare
+from .planner import best_matches, match_statistics
+
 
 def main(argv: list[str] | None = None) -> int:
-    import attnshare
-    from attnshare.analysis.weights import MATCH_FUNCTIONS, best_matches, match_statistics
-    from attnshare.methods import get_method
-    from attnshare.methods.directshare import DirectShareConfig
-
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3])
@@ -33,31 +36,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", required=True, help="results file, rewritten after every row")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from attnshare.evaluate.perplexity import PerplexityConfig
-
     protocol = PerplexityConfig(max_tokens=args.max_tokens)
-    model, tok = attnshare.load_model(args.model)
+    model, tok = load_model(args.model)
     if args.base_from:
         base = json.loads(Path(args.base_from).read_text())["base"]
         if base["tokens"] != protocol.max_tokens - protocol.max_tokens // protocol.window:
             raise SystemExit(f"{args.base_from} was measured under another protocol")
     else:
-        base = attnshare.perplexity(model, tok, protocol, progress=False).to_dict()
+        base = perplexity(model, tok, protocol, progress=False).to_dict()
     out = {"model": args.model, "base": base, "stats": {}, "rows": []}
     params = model.num_parameters()
     print(f"base ppl {out['base']['ppl']:.3f}", flush=True)
-    method = get_method("directshare")
+    method = DirectShare()
     for match in args.matches:
         out["stats"][match] = match_statistics(best_matches(model, match))
         for ratio in args.ratios:
             plan = method.make_plan(model, DirectShareConfig(ratio=ratio, match=match, share_o=args.share_o))
-            attnshare.apply(model, plan, keep_originals=True)
+            apply(model, plan, keep_originals=True)
             start = time.perf_counter()
-            ppl = attnshare.perplexity(model, tok, protocol, progress=False)
+            ppl = perplexity(model, tok, protocol, progress=False)
             row = {"match": match, "ratio": ratio, "share_o": args.share_o, "units": len(plan.pairs),
                    "params saved": params - model.num_parameters(), "ppl": ppl.ppl,
                    "ppl ratio": ppl.ppl / out["base"]["ppl"], "seconds": time.perf_counter() - start}
-            attnshare.unapply(model)
+            unapply(model)
             out["rows"].append(row)
             print(json.dumps(row), flush=True)
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ...errors import AttnshareError
+from ...plan import check_layer_list
 from .plan import SOURCES
 
 
@@ -47,6 +48,7 @@ class LiSAConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction < 1.0:
             raise AttnshareError(f"--fraction must be between 0 and 1 (exclusive), got {self.fraction}.")
+        check_layer_list(self.layers, "--layers", "LiSA layer", "has no previous layer to share from")
         if self.rank < 0 or self.ffn_width < 0 or self.local_steps < 0 or self.local_repeats < 1:
             raise AttnshareError("--rank, --ffn-width and --local-steps must be zero or positive, --local-repeats >= 1.")
         if self.source not in SOURCES:

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 
 from torch import nn
 
 from ...arch import arch_of, attention, geometry, set_attention
 from ...attention.dispatch import Publisher, clear_hook, install, set_hook
 from ...errors import AttnshareError
-from ..base import Applied, SharingMethod, SharingState
+from ...sharing.apply import apply
+from ...sharing.state import Applied, SharingState
+from ...training import train_shared
+from ...training.loop import load_blocks
+from ..base import SharingMethod
 from ..surgery import detach, reattach
 from .config import LiSAConfig, default_rank
 from .modules import BLOCK_ROWS, LiSAAttention
 from .plan import LiSAPlan
+from .planner import choose_layers, head_maps
+from .training import layer_local_fit, lisa_objective, load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +35,6 @@ class LiSA(SharingMethod):
     plan_cls = LiSAPlan
 
     def make_plan(self, model: nn.Module, config: LiSAConfig) -> LiSAPlan:
-        from .planning import choose_layers, head_maps
-
         geo = geometry(model)
         layers = sorted(config.layers) if config.layers else choose_layers(model, config.fraction)
         plan = LiSAPlan(layers=layers, rank=config.rank or default_rank(geo.head_dim), ffn_width=config.ffn_width,
@@ -97,14 +103,6 @@ class LiSA(SharingMethod):
         """Apply, optionally fit each layer to the teacher's attention map (layer-local stage, at most two thirds
         of the time budget), then distil the unshared model end to end into the LiSA modules only: next-token KL,
         plus the attention-map KL of each LiSA layer when ``config.attention_kl_weight`` > 0."""
-        import dataclasses
-        import time
-
-        from ...api import apply
-        from ...training import train_shared
-        from ...training.loop import load_blocks
-        from .training import layer_local_fit, lisa_objective, load_teacher
-
         apply(model, plan)
         teacher = teacher if teacher is not None else load_teacher(model)
         local: list[float] = []

@@ -5,9 +5,9 @@ from __future__ import annotations
 from torch import nn
 
 from ...arch import attention, geometry
-from ...bench.memory import cache_bytes
 from ...hf_compat import output_cache
-from ..base import state_of
+from ...memory import cache_bytes
+from ...sharing.state import state_of
 
 
 def lisa_quantities(model: nn.Module, probe_tokens: int = 32) -> dict[str, float]:

@@ -12,7 +12,8 @@ from ...arch import attention
 from ...attention.context import DonorState
 from ...attention.dispatch import clear_hook, install, set_hook, uninstall
 from ...attention.functional import attention_scores, eager_attention, softmax_probs
-from ...methods.base import state_of
+from ...models.loading import load_base
+from ...sharing.state import state_of
 from ...training.losses import Objective, attention_map_kl, kl_distill
 
 log = logging.getLogger(__name__)
@@ -20,11 +21,7 @@ log = logging.getLogger(__name__)
 
 def load_teacher(model: nn.Module) -> nn.Module:
     """The unshared base model, reloaded from the identity recorded when the plan was applied."""
-    from ...models import load_model
-
-    identity = state_of(model).identity
-    teacher, _ = load_model(identity["base_model"], dtype=next(model.parameters()).dtype,
-                            num_layers=identity["num_layers"])
+    teacher, _ = load_base(state_of(model).identity, dtype=next(model.parameters()).dtype)
     return teacher
 
 

@@ -14,7 +14,9 @@ from torch import nn
 from ...analysis.weights import projection_weight, units
 from ...arch import arch_of, geometry
 from ...models.loading import model_identity
-from ..base import STATE_ATTR, SharingState, state_of
+from ...sharing.apply import apply
+from ...sharing.state import STATE_ATTR, SharingState, state_of
+from ...training import distill_objective, lm_objective, pair_frobenius, train
 from ..directshare.method import BANK, DirectShare, unit_slice
 from .config import PostShareConfig
 from .plan import PostSharePlan
@@ -37,8 +39,6 @@ def pair_slices(model: nn.Module, plan: PostSharePlan) -> list[tuple[list[torch.
 
 def pair_regulariser(model: nn.Module, plan: PostSharePlan) -> Callable[[], torch.Tensor]:
     """``R = mean over pairs of (||dWq|| + ||dWk|| + ||dWv||)``, unsquared Frobenius, slicing live weights per call."""
-    from ...training import pair_frobenius
-
     return lambda: pair_frobenius(pair_slices(model, plan))
 
 
@@ -75,9 +75,6 @@ class PostShare(DirectShare):
     def fit(self, model: nn.Module, tokenizer, plan: PostSharePlan, config, teacher=None):
         """Train the unshared model with ``data term + lambda * R`` (both units of a pair trainable), then apply
         DirectShare with the same pairs. The artifact then stores every trained tensor that survives sharing."""
-        from ...api import apply
-        from ...training import distill_objective, lm_objective, train
-
         if plan.data_term == "distill" and teacher is None:
             teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the unshared model, frozen
             if hasattr(teacher, STATE_ATTR):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ...analysis.collect import check_calibration_text
 from ...errors import AttnshareError
+from ...plan import check_layer_list
 
 
 @dataclass
@@ -49,8 +51,6 @@ class SAConfig:
     )
 
     def __post_init__(self) -> None:
-        from ...analysis.collect import check_calibration_text
-
         check_calibration_text(self.calib_text)
         if isinstance(self.budget, float):  # the CLI's shared --budget flag may arrive as a float
             if not self.budget.is_integer():
@@ -60,6 +60,9 @@ class SAConfig:
             raise AttnshareError("--budget must be 0 or a positive number of receiver layers.")
         if not 0.0 <= self.kv_saving < 0.5:
             raise AttnshareError(f"--kv-saving must lie in [0, 0.5) (SA removes at most the K half of the cache); got {self.kv_saving}.")
+        check_layer_list(self.receivers, "--receivers", "Receiver layer", "has no earlier non-receiver layer to reuse")
+        if self.receivers and (self.budget or self.kv_saving):
+            raise AttnshareError("Give either --receivers (explicit layers) or --budget/--kv-saving (planned), not both.")
         if self.budget and self.kv_saving:
             raise AttnshareError("Give either --budget (receivers) or --kv-saving (fraction of the KV cache), not both.")
         if self.calib_tokens < 2 or self.heldout_tokens < 2 or self.calib_seq_len < 2 or self.shortlist < 0:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
+from ...analysis.heads import head_maps_for
 from ...arch import arch_of, attention, geometry, set_attention
 from ...attention.dispatch import Publisher, clear_hook, install, set_hook
 from ...errors import AttnshareError
-from ..base import Applied, SharingMethod, SharingState
+from ...sharing.state import Applied, SharingState
+from ..base import SharingMethod
 from ..surgery import detach, reattach
 from .config import SAConfig
 from .modules import SharedAttentionReceiver
 from .plan import SAPlan, nearest_donors
+from .planner import plan_sa, plan_sa_curve, sa_budget
 
 
 class SA(SharingMethod):
@@ -24,23 +29,15 @@ class SA(SharingMethod):
         if config.receivers:
             plan = SAPlan(donors=nearest_donors(config.receivers, geo), fused_prefill=config.fused_prefill)
             if config.align_heads:
-                from ...analysis.planning import head_maps_for
-
                 plan.head_map = head_maps_for(model, plan.donors, text=config.calib_text, tokens=config.calib_tokens,
                                               seq_len=config.calib_seq_len)
             return plan
         if config.budget or config.kv_saving:
-            from ...analysis.planning import plan_sa
-
             return plan_sa(model, config)
         raise AttnshareError("SA needs --receivers LAYER..., --budget N or --kv-saving F to choose receiver layers.")
 
     def make_plans(self, model: nn.Module, configs: list[SAConfig]) -> list[SAPlan]:
         """A receiver-budget sweep costs one greedy selection: the plans of smaller budgets are its prefixes."""
-        import dataclasses
-
-        from ...analysis.planning import plan_sa_curve, sa_budget
-
         if not configs:
             return []
         same = [dataclasses.replace(c, budget=0, kv_saving=0.0) for c in configs]

@@ -72,6 +72,12 @@ class SAPlan(Plan):
 def nearest_donors(receivers: list[int], geo: Geometry) -> dict[int, int]:
     """Each receiver reuses the nearest earlier non-receiver layer of the same window kind."""
     chosen = set(receivers)
+    for r in sorted(chosen):
+        if not 0 <= r < geo.num_layers:
+            raise AttnshareError(
+                f"Receiver layer {r} is out of range for a {geo.num_layers}-layer model; pick receivers in "
+                f"1..{geo.num_layers - 1}."
+            )
     donors = {}
     for r in sorted(chosen):
         candidates = [d for d in range(r - 1, -1, -1) if d not in chosen and geo.layer_types[d] == geo.layer_types[r]]

@@ -1,11 +1,7 @@
-"""Planners: turn measured attention similarity and sensitivity into plans.
+"""SA's planner: receivers under a budget, by greedy forward selection on the measured KL of candidate plans.
 
-- :func:`head_maps_for`: best one-to-one receiver-head -> donor-head assignment (Hungarian on 1 - JS/ln2).
-- :func:`choose_lisa_layers`: the layers LiSA replaces, the least sensitive ones (measured), never layer 0.
-- :func:`plan_sa`: SA receivers under a budget, by greedy forward selection on the measured KL of candidate plans.
-
-Calibration statistics use the first ``tokens`` tokens of the calibration text (``plays`` by default); KL is
-measured on the held-out tokens that follow them. The evaluation texts (britannica, hamlet) are refused.
+:class:`PlanProbe` measures candidate SA plans on one model (KL on held-out calibration tokens that follow the
+calibration tokens, against the unshared model); LiSA's layer choice and the analysis' sensitivity reuse it.
 """
 
 from __future__ import annotations
@@ -17,46 +13,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..arch import geometry
-from ..errors import AttnshareError
-from ..methods.sa.config import SAConfig
-from ..methods.sa.plan import SAPlan, nearest_donors
-from .collect import calibration_blocks, check_base_model, model_tokenizer
-from .metrics import best_permutation
-from .sensitivity import Divergence, forward_logprobs, plan_divergence
-from .stats import Pair, collect_stats
+from ...analysis.collect import calibration_blocks, check_base_model, model_tokenizer
+from ...analysis.heads import head_similarity
+from ...analysis.metrics import best_permutation
+from ...analysis.sensitivity import Divergence, forward_logprobs, plan_divergence
+from ...analysis.stats import Pair
+from ...arch import geometry
+from ...errors import AttnshareError
+from .config import SAConfig
+from .plan import SAPlan, nearest_donors
 
 log = logging.getLogger(__name__)
-
-DEFAULT_SKIP = 16  # query rows skipped in similarity: the first rows see few keys and are trivially similar
-
-
-def head_similarity(model: nn.Module, pairs: list[Pair], *, text: str = "plays", tokens: int = 1024,
-                    seq_len: int = 512, skip: int = DEFAULT_SKIP, progress: bool = False,
-                    tokenizer=None) -> dict[Pair, torch.Tensor]:
-    """Mean 1 - JS/ln2 between every head of the later and the earlier layer of each (earlier, later) pair: (H, H)
-    indexed [later head, earlier head], streamed over calibration blocks."""
-    check_base_model(model)
-    blocks = calibration_blocks(model, text, tokens, seq_len, tokenizer=tokenizer)
-    skip = min(skip, seq_len // 4)
-    stats = collect_stats(model, blocks, head_pairs=list(pairs), layer_pairs=False, skip=skip, progress=progress)
-    return {pair: stats.head_js(pair) for pair in stats.head_pairs}
-
-
-def head_maps_for(model: nn.Module, donors: dict[int, int], *, text: str = "plays", tokens: int = 1024,
-                  seq_len: int = 512) -> dict[int, list[int]]:
-    """For each receiver r with donor d: ``maps[r][h]`` = the donor head receiver head h should use.
-
-    The best one-to-one assignment (Hungarian) maximising head similarity 1 - JS/ln2 over calibration tokens.
-    """
-    if not donors:
-        return {}
-    pairs = [(d, r) for r, d in donors.items()]
-    for d, r in pairs:
-        if not d < r:
-            raise AttnshareError(f"Layer {r} cannot reuse layer {d}: a donor must come before its receiver.")
-    sims = head_similarity(model, pairs, text=text, tokens=tokens, seq_len=seq_len)
-    return {r: best_permutation(sims[(d, r)]) for r, d in sorted(donors.items())}
 
 
 class PlanProbe:
@@ -116,43 +83,6 @@ class PlanProbe:
             self.head_maps({r: d for r in layers for d in nearest_donors([r], self.geo).values()})
         return {layer: self.measure(self.sa_plan([layer], aligned))
                 for layer in tqdm(layers, desc=desc, unit="layer", disable=not self.progress, leave=False)}
-
-
-def lisa_count(fraction: float, num_layers: int) -> int:
-    """How many LiSA layers ``fraction`` asks for; refuses fractions outside (0, 1) or with no valid choice."""
-    if not 0.0 < fraction < 1.0:
-        raise AttnshareError(f"The LiSA fraction must lie strictly between 0 and 1 (got {fraction}).")
-    count = round(fraction * num_layers)
-    if not 1 <= count <= num_layers - 1:
-        raise AttnshareError(
-            f"A fraction of {fraction} of {num_layers} layers gives {count} LiSA layers, but 1..{num_layers - 1} are "
-            "possible (layer 0 stays standard); choose another fraction."
-        )
-    return count
-
-
-def choose_lisa_layers(model: nn.Module, fraction: float, *, text: str = "plays", tokens: int = 1024,
-                       seq_len: int = 512, heldout: int = 512, progress: bool = True) -> list[int]:
-    """The ``round(fraction * L)`` layers that become LiSA layers (each reuses layer l-1), never layer 0.
-
-    Ranked by measured sensitivity: the KL on held-out calibration tokens when the layer alone reuses its
-    predecessor's attention with heads aligned (what LiSA starts from); the least sensitive layers are chosen, so
-    fragile (typically shallow) layers stay standard.
-    """
-    geo = geometry(model)
-    count = lisa_count(fraction, geo.num_layers)
-    probe = PlanProbe(model, text=text, tokens=tokens, seq_len=seq_len, heldout=heldout, progress=progress)
-    candidates = probe.valid_receivers([])
-    if len(candidates) < count:
-        raise AttnshareError(
-            f"Only {len(candidates)} layers can reuse an earlier layer's attention, fewer than the {count} asked; "
-            "choose a smaller fraction."
-        )
-    scores = probe.single_layer(candidates, aligned=True, desc="LiSA layer sensitivity")
-    ranked = sorted(candidates, key=lambda layer: (scores[layer].kl, layer))
-    chosen = sorted(ranked[:count])
-    log.info("LiSA layers %s (KL %s)", chosen, {l: round(scores[l].kl, 4) for l in chosen})
-    return chosen
 
 
 def sa_budget(config: SAConfig, num_layers: int) -> int:

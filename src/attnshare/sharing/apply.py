@@ -1,0 +1,59 @@
+"""Apply plans to a model in place (every plan validated before anything changes) and undo them."""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from ..arch import geometry
+from ..attention.dispatch import uninstall
+from ..hf_compat import warn_if_untested
+from ..models.loading import model_identity
+from ..plan import Plan
+from .registry import get_method
+from .state import STATE_ATTR, Applied, SharingState, state_of
+
+log = logging.getLogger(__name__)
+
+
+def apply(model: nn.Module, plans: Plan | list[Plan], *, keep_originals: bool = False) -> nn.Module:
+    """Apply one or more plans in order, in place. Every plan is validated before anything changes.
+
+    Args:
+        keep_originals: keep removed weights in memory so :func:`unapply` needs no reload (no memory saving).
+    """
+    warn_if_untested()
+    plans = plans if isinstance(plans, list) else [plans]
+    geo = geometry(model)
+    for plan in plans:
+        plan.validate(geo)
+    state = state_of(model)
+    if state is None:
+        state = SharingState(identity=model_identity(model), keep_originals=keep_originals)
+        setattr(model, STATE_ATTR, state)
+    for plan in plans:
+        applied = Applied(plan)
+        get_method(plan.method).apply(model, plan, state, applied)
+        state.applied.append(applied)
+        log.info("applied %s", plan.summary())
+    return model
+
+
+def unapply(model: nn.Module) -> nn.Module:
+    """Undo every applied plan, restoring the base modules (weights reloaded from the base if they were freed)."""
+    state = state_of(model)
+    if state is None:
+        return model
+    for applied in reversed(state.applied):
+        for undo in reversed(applied.undo):
+            undo()
+    state.context.clear()
+    uninstall(model)
+    delattr(model, STATE_ATTR)
+    return model
+
+
+def applied_plans(model: nn.Module) -> list[Plan]:
+    state = state_of(model)
+    return [a.plan for a in state.applied] if state else []
