@@ -1,6 +1,7 @@
 """The ``attnshare`` command line: one module per subcommand, each with ``add_parser(sub)`` and ``run(args)``.
 
-Bad input (an :class:`~attnshare.errors.AttnshareError`) is printed as one sentence, exit status 2, no traceback.
+Bad input (an :class:`~attnshare.errors.AttnshareError`, or flags argparse refuses) is printed as one line,
+``error: <sentence>``, on stderr, exit status 2, no traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
+import typing
 
 # subcommand -> module (imported only when used, so `attnshare --help` stays fast)
 COMMANDS: dict[str, str] = {  # in workflow order (the order --help lists them)
@@ -25,13 +27,44 @@ COMMANDS: dict[str, str] = {  # in workflow order (the order --help lists them)
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``error: ...; see `attnshare CMD --help`.``) instead of the full usage block."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        message = message.rstrip(".")
+        self.exit(2, f"error: {message}; see `{self.prog} --help`.\n")
+
+
+def version_lines() -> list[str]:
+    """attnshare, torch and transformers versions, each with the range CI tests and whether it lies inside it."""
+    from ..hf_compat import declared_ranges, untested_packages, versions
+
+    have, ranges = versions(), declared_ranges()
+    outside = {line.split()[0] for line in untested_packages()}
+    lines = [f"attnshare {have['attnshare']}"]
+    for name in ("torch", "transformers"):
+        verdict = "UNTESTED: outside the tested range" if name in outside else "in the tested range"
+        lines.append(f"{name} {have[name]} ({verdict} {ranges.get(name, 'undeclared')})")
+    return lines
+
+
+class VersionAction(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.exit(0, "\n".join(version_lines()) + "\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="attnshare",
         description="Share attention across layers and heads of pretrained language models (SA, LiSA, "
         "DirectShare, PostShare): analyze, plan, apply, train, evaluate, benchmark.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--version", action=VersionAction,
+                        help="print the versions of attnshare, torch and transformers and whether they are tested")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in COMMANDS.items():
         importlib.import_module(module).add_parser(sub, name)
@@ -41,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from ..errors import AttnshareError
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a flag argparse refused (2, message already printed)
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.run(args) or 0)

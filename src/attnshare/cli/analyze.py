@@ -6,7 +6,8 @@ import argparse
 
 from ..analysis.analyze import AnalyzeConfig
 from ..config import add_dataclass_args, dataclass_from_args
-from .common import add_model_args, load_from_args, print_table
+from ..errors import require
+from .common import add_model_args, check_out_folder, check_text, load_from_args, print_table
 
 
 def add_parser(sub, name: str) -> None:
@@ -31,9 +32,13 @@ def add_parser(sub, name: str) -> None:
 
 
 def run(args) -> int:
-    from ..analysis import analyze
+    from ..analysis.analyze import analyze
 
-    config = dataclass_from_args(AnalyzeConfig, args)  # bad flags fail before the slow model load
+    config = dataclass_from_args(AnalyzeConfig, args)  # bad flags, texts and outputs fail before the slow model load
+    check_text(config.text)
+    check_out_folder(args.out)
+    if not args.no_plots:
+        require("matplotlib", "plot")
     model, tokenizer = load_from_args(args)
     result = analyze(model, config, tokenizer=tokenizer, progress=not args.no_progress)
     paths = result.save(args.out, plots=not args.no_plots)

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_method_args, add_model_args, load_from_args, plans_from_args, print_table, write_json
+from .common import (
+    add_method_args,
+    add_model_args,
+    check_out_folder,
+    load_from_args,
+    prepare_plans,
+    print_table,
+    write_json,
+)
 
 
 def add_parser(sub, name: str) -> None:
@@ -27,18 +35,17 @@ def add_parser(sub, name: str) -> None:
 def run(args) -> int:
     import attnshare
 
-    from ..errors import AttnshareError
+    from ..arch import geometry
 
-    if not args.plan and not args.method:
-        raise AttnshareError("Give --method NAME (with its options) or --plan FILE.")
-    if args.plan:  # read (and validate) the plan file before the slow model load
-        from ..plan import load_plans
-
-        load_plans(args.plan)
+    make_plans = prepare_plans(args)  # bad flags and plan files fail before the slow model load
+    check_out_folder(args.out, artifact=True)
     model, tokenizer = load_from_args(args)
+    plans = make_plans(model)
+    geo = geometry(model)
+    for plan in plans:  # a plan that does not fit fails before the (slow) base perplexity
+        plan.validate(geo)
     before = attnshare.perplexity(model, tokenizer) if args.eval else None
     params_before = model.num_parameters()
-    plans = plans_from_args(args, model)
     attnshare.apply(model, plans)
     out = attnshare.save(model, args.out)
     row = {"plans": "; ".join(p.summary() for p in plans), "params": model.num_parameters(),

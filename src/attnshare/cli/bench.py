@@ -34,30 +34,42 @@ def run(args) -> int:
     import sys
     from pathlib import Path
 
+    from ..api import read_artifact
+    from ..arch import geometry
     from ..bench.harness import BenchConfig, artifact_variant, base_variant, get_scenario, plan_variant, run_bench
     from ..config import dataclass_from_args
     from ..errors import AttnshareError
-    from .common import load_from_args, plans_from_args, write_json
+    from ..models.loading import model_identity
+    from .common import check_out_file, load_from_args, prepare_plans, write_json
 
     config = dataclass_from_args(BenchConfig, args)
     scenario = get_scenario(config.scenario, config.batch, config.context, config.new_tokens)
-    if args.plan:  # read (and validate) the plan file before the slow model load
-        from ..plan import load_plans
-
-        load_plans(args.plan)
+    make_plans = prepare_plans(args, required=False)  # bad flags and plan files fail before the slow model load
+    if make_plans is None and not args.artifact:
+        raise AttnshareError("Give a variant to compare with the base: --method NAME, --plan FILE or --artifact DIR.")
+    artifacts = {a: read_artifact(a) for a in args.artifact}  # bad artifacts fail before the model load
+    check_out_file(args.json, "--json")
+    check_out_file(args.markdown, "--markdown", "bench.md")
     if config.threads:
         import torch
 
         torch.set_num_threads(config.threads)
     base, _ = load_from_args(args)
+    fingerprint = model_identity(base)["fingerprint"]
+    for path, meta in artifacts.items():  # variants are built lazily, after the base ran: check them first
+        if meta["base"].get("fingerprint") != fingerprint:
+            raise AttnshareError(
+                f"The artifact '{path}' was made for base model '{meta['base'].get('base_model')}', not for "
+                f"--model {args.model}; bench it with --model {meta['base'].get('base_model')}."
+            )
     variants = [base_variant(base)]
-    if args.plan or args.method:
-        plans = plans_from_args(args, base)
+    if make_plans is not None:
+        plans = make_plans(base)
+        for plan in plans:  # a plan that does not fit fails before any variant is built or timed
+            plan.validate(geometry(base))
         name = args.method or Path(args.plan).stem
         variants.append(plan_variant(base, plans, name=name))
     variants += [artifact_variant(base, a) for a in args.artifact]
-    if len(variants) == 1:
-        raise AttnshareError("Give a variant to compare with the base: --method NAME, --plan FILE or --artifact DIR.")
     command = "attnshare " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith(("attnshare", "__main__.py")) else ""
     result = run_bench(variants, scenario, config, command=command)
     table = result.to_markdown()

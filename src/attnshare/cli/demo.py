@@ -14,10 +14,24 @@ def add_parser(sub, name: str) -> None:
 
 
 def run(args) -> int:
-    from ..config import dataclass_from_args
-    from ..report.demo import DemoConfig, run_demo, write_report
+    from types import SimpleNamespace
 
-    report = run_demo(dataclass_from_args(DemoConfig, args))
+    from ..config import dataclass_from_args
+    from ..errors import AttnshareError
+    from ..report.demo import DemoConfig, run_demo, write_report
+    from .common import check_model_args, check_out_folder, check_text
+
+    config = dataclass_from_args(DemoConfig, args)  # bad flags, texts and outputs fail before the slow model load
+    check_model_args(SimpleNamespace(model=config.model, num_layers=None))
+    check_text(config.text)
+    out = check_out_folder(config.out)
+    existed = out.exists()
+    try:
+        report = run_demo(config)
+    except AttnshareError:
+        if not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # bad input found by the demo itself leaves no empty report folder behind
+        raise
     print(write_report(report).read_text())
     print(f"report: {report.out / 'report.md'}")
     return 0

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from ..config import add_dataclass_args, dataclass_from_args
+from ..errors import require
 from ..evaluate.suite import EvalConfig
-from .common import add_model_args, load_from_args, print_table, write_json
+from .common import add_model_args, check_out_file, check_text, load_from_args, print_table, write_json
 
 
 def add_parser(sub, name: str) -> None:
@@ -27,7 +28,11 @@ def add_parser(sub, name: str) -> None:
 def run(args) -> int:
     from ..evaluate.suite import evaluate
 
-    config = dataclass_from_args(EvalConfig, args)
+    config = dataclass_from_args(EvalConfig, args)  # bad flags, texts and outputs fail before the slow model load
+    check_text(config.text)
+    check_out_file(args.json, "--json")
+    if config.lm_eval_tasks:
+        require("lm_eval", "eval")
     model, tokenizer = load_from_args(args)
     result = evaluate(model, tokenizer, config)
     print_table([result.summary()])

@@ -8,7 +8,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .common import add_method_args, add_model_args, load_from_args, print_table
+from .common import add_method_args, add_model_args, check_out_file, check_text, load_from_args, print_table
 
 BUDGET_HELP = (
     "the planner's budget; its meaning depends on --method: "
@@ -70,8 +70,12 @@ def run(args) -> int:
     from ..arch import geometry
     from ..errors import AttnshareError
     from ..methods import get_method
-    from ..plan import load_plans, save_plans
+    from ..plan import save_plans
+    from ..sharing.registry import load_plans
 
+    if args.plan and args.method:
+        raise AttnshareError("Give either --method NAME (to make a plan) or --plan FILE (to check one), not both.")
+    check_out_file(args.out, "--out", "plan.json")
     if args.plan:
         plans = load_plans(args.plan)
     elif not args.method:
@@ -81,6 +85,7 @@ def run(args) -> int:
             raise AttnshareError("Give --out FILE for the plan to write.")
         method = get_method(args.method)
         config = make_config(method, args)  # bad budgets fail before the slow model load
+        check_text(getattr(config, "calib_text", None), "--calib-text")
     model, _ = load_from_args(args)
     if not args.plan:
         plans = [method.make_plan(model, config)]

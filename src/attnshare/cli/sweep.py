@@ -37,12 +37,14 @@ def sweep_configs(method, args) -> list:
     from ..config import _base_type, dataclass_from_args
     from ..errors import AttnshareError
 
-    fields = {f.name: f for f in dataclasses.fields(method.config_cls)}
-    if args.vary not in fields:
-        raise AttnshareError(
-            f"{method.name} has no setting '{args.vary}'; vary one of: {', '.join(sorted(fields))}."
-        )
-    kind = _base_type(typing.get_type_hints(method.config_cls)[args.vary])
+    hints = typing.get_type_hints(method.config_cls)
+    numeric = sorted(f.name for f in dataclasses.fields(method.config_cls)
+                     if _base_type(hints[f.name]) in (int, float) and f.init)
+    if args.vary not in numeric:
+        known = {f.name for f in dataclasses.fields(method.config_cls)}
+        what = "no numeric setting" if args.vary in known else "no setting"
+        raise AttnshareError(f"{method.name} has {what} '{args.vary}'; vary one of: {', '.join(numeric)}.")
+    kind = _base_type(hints[args.vary])
     try:
         values = [kind(v) for v in args.values]
     except ValueError as e:
@@ -52,18 +54,33 @@ def sweep_configs(method, args) -> list:
 
 def run(args) -> int:
     from ..config import dataclass_from_args
-    from ..errors import AttnshareError
+    from ..errors import AttnshareError, require
     from ..evaluate.perplexity import PerplexityConfig
     from ..methods import get_method
     from ..report.variants import baseline, measure_plans
-    from .common import load_from_args, print_table, write_json
+    from .common import check_out_file, check_text, load_from_args, print_table, write_json
 
     if not args.method:
         raise AttnshareError("Give --method NAME to sweep.")
+    if args.plan:
+        raise AttnshareError("attnshare sweep makes its own plans from --method; drop --plan.")
     method = get_method(args.method)
     configs = sweep_configs(method, args)  # bad --vary/--values are refused before the model loads
     ppl_config = dataclass_from_args(PerplexityConfig, args)
+    check_text(ppl_config.text)
+    check_text(getattr(configs[0], "calib_text", None), "--calib-text")
+    check_out_file(args.json, "--json")
+    check_out_file(args.plot, "--plot", "pareto.png")
+    if args.plot:
+        require("matplotlib", "plot")
     model, tokenizer = load_from_args(args)
+    if method.name == "sa":  # an out-of-range budget fails before the (slow) base perplexity
+        from ..arch import geometry
+        from ..methods.sa.planner import sa_budget
+
+        for config in configs:
+            if not config.receivers and (config.budget or config.kv_saving):
+                sa_budget(config, geometry(model).num_layers)
     base = baseline(model, tokenizer, ppl_config)
     rows = []
     for config, plan in zip(configs, method.make_plans(model, configs)):

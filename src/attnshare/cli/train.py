@@ -32,21 +32,25 @@ def run(args) -> int:
 
     import attnshare
 
+    from ..arch import geometry
     from ..config import dataclass_from_args
     from ..errors import AttnshareError
     from ..training import TrainConfig
-    from .common import load_from_args, plans_from_args, print_table, write_json
+    from .common import check_out_folder, check_text, load_from_args, prepare_plans, print_table, write_json
 
-    if not args.plan and not args.method:
-        raise AttnshareError("Give --method NAME (with its options) or --plan FILE.")
+    make_plans = prepare_plans(args)  # bad flags and plan files fail before the slow model load
     config = dataclass_from_args(TrainConfig, args, out_dir=getattr(args, "out_dir", None)
                                  or f"{Path(args.out)}-checkpoints")
+    check_text(config.text)
+    check_out_folder(args.out, artifact=True)
+    check_out_folder(config.out_dir, "--out-dir")
     model, tokenizer = load_from_args(args)
-    before = attnshare.perplexity(model, tokenizer) if args.eval else None
-    params_before = model.num_parameters()
-    plans = plans_from_args(args, model)
+    plans = make_plans(model)
     if len(plans) != 1:
         raise AttnshareError("attnshare train takes one plan; apply the others first with `attnshare apply`.")
+    plans[0].validate(geometry(model))  # a plan that does not fit fails before the (slow) base perplexity
+    before = attnshare.perplexity(model, tokenizer) if args.eval else None
+    params_before = model.num_parameters()
     result = attnshare.train(model, tokenizer, plans[0], config)
     out = attnshare.save(model, args.out)
     row = {"plan": plans[0].summary(), "steps": result.steps, "tokens": result.tokens,
