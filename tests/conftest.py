@@ -53,3 +53,16 @@ def real_model():
     from attnshare.models import load_model
 
     return load_model("smollm2-135m")
+
+
+def tiny_checkpoint(folder, arch: str, num_layers: int = 4, seed: int = 0):
+    """Write ``tiny_model(arch)`` and a tiny tokenizer to ``folder`` as a plain HF checkpoint; returns the folder.
+
+    Loaded with ``attnshare.load_model(folder)`` the model's identity names the folder, so an artifact reloads its
+    base by itself and freed weights can be restored by :func:`attnshare.unapply`.
+    """
+    from helpers import tiny_tokenizer
+
+    tiny_model(arch, num_layers, seed).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder

@@ -1,4 +1,6 @@
-"""LiSA: identity at init (= aligned direct sharing), cache parity, real savings, artifact, training, bad input.
+"""LiSA: identity at init (= aligned direct sharing), blockwise prefill, the layer formula, sizes, training, bad input.
+
+Neutral plan, cache parity, beams, padding, exact savings, artifacts and unapply: tests/test_contract.py.
 
 Run as a script (``python tests/test_lisa.py OUT BATCH``) it is the worker of the 2-process training test.
 """
@@ -21,9 +23,8 @@ from conftest import tiny_config, tiny_model
 from helpers import greedy_generate, greedy_no_cache, logits, random_ids
 
 import attnshare
-from attnshare.arch import geometry
-from attnshare.bench.memory import cache_bytes
 from attnshare.errors import AttnshareError
+from attnshare.memory import cache_bytes
 from attnshare.methods.lisa import LiSAConfig, LiSAPlan, default_rank
 from attnshare.methods.sa import SAPlan
 
@@ -74,38 +75,6 @@ def test_step0_with_probability_source_matches_aligned_sharing():
     ids = random_ids(2, 20)
     torch.testing.assert_close(logits(model, ids), logits(attnshare.apply(uniform_model("llama"), sa), ids),
                                rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("source, rope", [("scores", True), ("probs", False)])
-def test_generate_with_cache_equals_no_cache_decoding(arch, source, rope):
-    model = attnshare.apply(tiny_model(arch, num_layers=6), lisa_plan((1, 2, 3, 5), source=source, rope=rope))
-    perturb(model)  # a non-zero correction and a non-permutation FFN
-    ids = random_ids(2, 10, seed=1)
-    assert torch.equal(greedy_generate(model, ids, 24), greedy_no_cache(model, ids, 24))
-
-
-def test_beam_search_with_cache_equals_no_cache(arch):
-    model = attnshare.apply(tiny_model(arch, num_layers=6), lisa_plan((1, 2, 3, 5)))
-    perturb(model)
-    ids = random_ids(2, 7, seed=3)
-    kw = {"attention_mask": torch.ones_like(ids), "num_beams": 3, "max_new_tokens": 6, "do_sample": False,
-          "pad_token_id": 0}
-    with torch.no_grad():
-        assert torch.equal(model.generate(ids, **kw), model.generate(ids, **kw, use_cache=False))
-
-
-def test_left_padded_batch_generates_like_each_sequence_alone():
-    model = attnshare.apply(tiny_model("llama", num_layers=6), lisa_plan((1, 2, 3, 5)))
-    perturb(model)
-    short, long = random_ids(1, 7, seed=2), random_ids(1, 12, seed=1)
-    ids = torch.cat([torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1), long])  # (2, 12), row 0 padded
-    mask = torch.ones_like(ids)
-    mask[0, :5] = 0
-    kw = {"max_new_tokens": 10, "min_new_tokens": 10, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
-    with torch.no_grad():
-        both = model.generate(ids, attention_mask=mask, **kw)
-        alone = model.generate(short, attention_mask=torch.ones_like(short), **kw)
-    assert torch.equal(both[0, 12:], alone[0, 7:])
 
 
 def use_blocks(model, rows: int) -> None:
@@ -260,37 +229,6 @@ def test_one_layer_formula_with_probability_source():
 # ---------------------------------------------------------------------------------------------- savings
 
 
-def test_kv_cache_holds_low_rank_k_exactly(arch):
-    layers, rank, t, b = (1, 2, 3, 5), 4, 20, 2
-    base = tiny_model(arch, num_layers=6)
-    geo = geometry(base)
-    ids = random_ids(b, t)
-    with torch.no_grad():
-        base_bytes = cache_bytes(base(ids, use_cache=True).past_key_values)
-    model = attnshare.apply(tiny_model(arch, num_layers=6), lisa_plan(layers, rank=rank))
-    with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
-    for layer in layers:
-        assert tuple(cache.layers[layer].keys.shape) == (b, geo.num_kv_heads, cache.layers[layer].values.shape[2], rank)
-    kept = [min(t, 7) if geo.layer_types[layer] == "sliding_attention" else t for layer in layers]
-    per_token_dim = b * geo.num_kv_heads * 4  # bytes per token and unit of head width (fp32)
-    assert base_bytes - cache_bytes(cache) == sum(n * per_token_dim * (geo.head_dim - rank) for n in kept)
-
-
-def test_parameters_really_replaced(arch):
-    base = tiny_model(arch)
-    before = base.num_parameters()
-    geo = geometry(base)
-    attn = base.model.layers[2].self_attn
-    removed = sum(p.numel() for n in ("q_proj", "k_proj", "q_norm", "k_norm") if hasattr(attn, n)
-                  for p in getattr(attn, n).parameters())
-    rank, width, h = 4, 2, geo.num_heads
-    added = geo.hidden_size * (geo.num_heads + geo.num_kv_heads) * rank + h * h + (width * h) * (2 * h + 1)
-    model = attnshare.apply(base, lisa_plan((2, 3), rank=rank, ffn_width=width))
-    assert model.num_parameters() == before - 2 * removed + 2 * added
-    assert not any(".2.self_attn.q_proj" in n or ".3.self_attn.k_proj" in n for n, _ in model.named_parameters())
-
-
 def test_default_rank_makes_qk_about_six_times_smaller():
     assert default_rank(64) == 10 and default_rank(128) == 20 and default_rank(16) == 2
     d, h, hkv, dim = 576, 9, 3, 64  # SmolLM2-135M
@@ -310,29 +248,6 @@ def test_size_report_is_exact():
 
 
 # --------------------------------------------------------------------------------------------- artifacts
-
-
-def test_save_load_reproduces_logits(arch, tmp_path):
-    model = attnshare.apply(tiny_model(arch), lisa_plan((1, 2, 3)))
-    perturb(model)
-    ids = random_ids(2, 16)
-    ref = logits(model, ids)
-    attnshare.save(model, tmp_path / "art")
-    meta = json.loads((tmp_path / "art" / "attnshare.json").read_text())
-    assert meta["tensors"] and all(".lisa_" in name for name in meta["tensors"])  # no base weights stored
-    loaded, _ = attnshare.load(tmp_path / "art", model=tiny_model(arch))
-    assert torch.equal(logits(loaded, ids), ref)
-    assert attnshare.applied_plans(loaded) == [model.attnshare_state.applied[0].plan]
-
-
-def test_unapply_restores_base_exactly():
-    ids = random_ids(1, 16)
-    ref = logits(tiny_model("llama"), ids)
-    model = attnshare.apply(tiny_model("llama"), lisa_plan((2, 3)), keep_originals=True)
-    attnshare.unapply(model)
-    assert torch.equal(logits(model, ids), ref)
-    assert not any(".lisa_" in n for n, _ in model.named_parameters())
-    assert not hasattr(model.model.layers[1].self_attn, "attnshare_hook")
 
 
 def test_plan_json_round_trip(tmp_path):
@@ -387,9 +302,9 @@ class CharTokenizer:
         return {"input_ids": [ord(c) % 128 for c in text]}
 
 
-def test_fit_through_public_train_and_exact_resume(tmp_path):
+def test_fit_through_public_train_and_exact_resume(tmp_path, monkeypatch):
     """attnshare.train runs LiSA's fit; a run killed after step 3 and resumed gives the uninterrupted curve."""
-    from attnshare.methods.lisa import training as lisa_training
+    from attnshare.methods.lisa import method as lisa_method
 
     text = tmp_path / "text.txt"
     text.write_text("To be, or not to be, that is the question. " * 12)
@@ -398,7 +313,7 @@ def test_fit_through_public_train_and_exact_resume(tmp_path):
     full = attnshare.train(whole, CharTokenizer(), lisa_plan((2, 3)), _train_config(text=str(text)), teacher=teacher)
     assert full.steps == 6 and whole.attnshare_state.trained
 
-    real_objective = lisa_training.lisa_objective
+    real_objective = lisa_method.lisa_objective
 
     def dying_objective(*args, **kw):  # the process "dies" inside step 4, after the step-3 checkpoint
         inner, calls = real_objective(*args, **kw), []
@@ -412,12 +327,9 @@ def test_fit_through_public_train_and_exact_resume(tmp_path):
         return objective
 
     config = _train_config(text=str(text), out_dir=str(tmp_path / "ck"), checkpoint_every=3)
-    lisa_training.lisa_objective = dying_objective
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            attnshare.train(tiny_model("llama"), CharTokenizer(), lisa_plan((2, 3)), config, teacher=teacher)
-    finally:
-        lisa_training.lisa_objective = real_objective
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(lisa_method, "lisa_objective", dying_objective)
+        attnshare.train(tiny_model("llama"), CharTokenizer(), lisa_plan((2, 3)), config, teacher=teacher)
     config.resume = True
     resumed = attnshare.train(tiny_model("llama"), CharTokenizer(), lisa_plan((2, 3)), config, teacher=teacher)
     assert [x[1] for x in resumed.losses] == pytest.approx([x[1] for x in full.losses], abs=1e-6)
@@ -519,7 +431,7 @@ def test_training_text_too_short_is_refused():
     "plan, message",
     [
         (LiSAPlan(layers=[0, 2]), "Layer 0 has no previous layer"),
-        (LiSAPlan(layers=[2, 9]), "model has layers 0..3"),
+        (LiSAPlan(layers=[2, 9]), "layers 0..3"),
         (LiSAPlan(layers=[2], rank=5), "needs an even rank"),
         (LiSAPlan(layers=[2], rank=99), "between 1 and the head dim"),
         (LiSAPlan(layers=[2], head_map={3: [0, 1, 2, 3]}), "not a LiSA layer"),

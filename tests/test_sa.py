@@ -1,4 +1,7 @@
-"""SA: parity with the base model, cache/no-cache equality, real savings, artifact round trip, bad input."""
+"""SA-specific tests: fused prefill, the receiver formula, bad plans and artifacts, healing, the real model.
+
+Neutral plan, cache parity, beams, padding, exact savings, artifacts and unapply: tests/test_contract.py.
+"""
 
 from __future__ import annotations
 
@@ -11,22 +14,14 @@ from helpers import greedy_generate, greedy_no_cache, logits, random_ids
 
 import attnshare
 from attnshare.arch import geometry
-from attnshare.bench.memory import cache_bytes
 from attnshare.errors import AttnshareError
+from attnshare.memory import cache_bytes
 from attnshare.methods.sa import SAPlan
 from attnshare.methods.sa.plan import nearest_donors
 
 
 def sa_plan(model, receivers=(2, 3), **kw) -> SAPlan:
     return SAPlan(donors=nearest_donors(list(receivers), geometry(model)), **kw)
-
-
-def test_empty_plan_is_bit_exact(arch):
-    model = tiny_model(arch)
-    ids = random_ids(2, 24)
-    ref = logits(model, ids)
-    attnshare.apply(model, SAPlan())
-    assert torch.equal(logits(model, ids), ref)
 
 
 def test_fused_prefill_equals_materialised_probabilities(arch):
@@ -68,91 +63,12 @@ def test_receiver_equals_donor_probabilities_times_own_v(arch):
     torch.testing.assert_close(got["o"], expected, rtol=1e-4, atol=1e-5)
 
 
-def test_generate_with_cache_equals_no_cache_decoding(arch):
-    model = attnshare.apply(tiny_model(arch, num_layers=6), sa_plan(tiny_model(arch, num_layers=6), (2, 3, 5)))
-    ids = random_ids(2, 10, seed=1)
-    assert torch.equal(greedy_generate(model, ids, 32), greedy_no_cache(model, ids, 32))
-
-
-def test_beam_search_with_cache_equals_no_cache(arch):
-    """Beam search reorders every layer's cache; receivers' caches hold V only (zero-width K) and must follow."""
-    model = attnshare.apply(tiny_model(arch), sa_plan(tiny_model(arch), (2, 3)))
-    ids = random_ids(2, 7, seed=3)
-    kw = {"attention_mask": torch.ones_like(ids), "num_beams": 3, "max_new_tokens": 6, "do_sample": False,
-          "pad_token_id": 0}
-    with torch.no_grad():
-        assert torch.equal(model.generate(ids, **kw), model.generate(ids, **kw, use_cache=False))
-
-
-def test_aligned_heads_generate_with_cache_equals_no_cache(arch):
-    base = tiny_model(arch)
-    plan = sa_plan(base, (2, 3))
-    plan.head_map = {r: [3, 2, 1, 0] for r in plan.donors}
-    model = attnshare.apply(base, plan)
-    ids = random_ids(1, 8, seed=2)
-    assert torch.equal(greedy_generate(model, ids, 32), greedy_no_cache(model, ids, 32))
-
-
-def test_kv_cache_bytes_drop_exactly(arch):
-    ids = random_ids(2, 20)
-    base = tiny_model(arch, num_layers=6)
-    with torch.no_grad():
-        base_bytes = cache_bytes(base(ids, use_cache=True).past_key_values)
-    receivers = (2, 3, 5)
-    model = attnshare.apply(tiny_model(arch, num_layers=6), sa_plan(base, receivers))
-    with torch.no_grad():
-        shared_bytes = cache_bytes(model(ids, use_cache=True).past_key_values)
-    if arch == "gemma3_text":  # sliding layers cache fewer tokens: count the removed K tensors exactly
-        geo = geometry(model)
-        per_token = 2 * geo.num_kv_heads * geo.head_dim * 4  # K bytes per token per batch row
-        kept = {l: min(20, 7) if geo.layer_types[l] == "sliding_attention" else 20 for l in receivers}
-        assert base_bytes - shared_bytes == sum(kept[l] * per_token for l in receivers)
-    else:
-        assert shared_bytes * 2 * 6 == base_bytes * (2 * 6 - len(receivers))
-
-
-def test_parameters_really_removed(arch):
-    base = tiny_model(arch)
-    before = base.num_parameters()
-    geo = geometry(base)
-    attn = base.model.layers[2].self_attn
-    per_layer = sum(p.numel() for n in ("q_proj", "k_proj", "q_norm", "k_norm") if hasattr(attn, n)
-                    for p in getattr(attn, n).parameters())
-    model = attnshare.apply(base, sa_plan(base, (2, 3)))
-    assert model.num_parameters() == before - 2 * per_layer
-    assert not any(".2.self_attn.q_proj" in n or ".3.self_attn.k_proj" in n for n, _ in model.named_parameters())
-    assert per_layer >= geo.hidden_size * (geo.num_heads + geo.num_kv_heads) * geo.head_dim
-
-
-def test_save_load_reproduces_logits(arch, tmp_path):
-    base = tiny_model(arch)
-    model = attnshare.apply(base, sa_plan(base))
-    ids = random_ids(2, 16)
-    ref = logits(model, ids)
-    attnshare.save(model, tmp_path / "art")
-    fresh = tiny_model(arch)
-    loaded, _ = attnshare.load(tmp_path / "art", model=fresh)
-    assert torch.equal(logits(loaded, ids), ref)
-    assert attnshare.applied_plans(loaded)[0].donors == model.attnshare_state.applied[0].plan.donors
-
-
-def test_unapply_restores_base_exactly(arch):
-    ref_model = tiny_model(arch)
-    ids = random_ids(1, 16)
-    ref = logits(ref_model, ids)
-    model = attnshare.apply(tiny_model(arch), sa_plan(ref_model), keep_originals=True)
-    attnshare.unapply(model)
-    assert torch.equal(logits(model, ids), ref)
-    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in ref_model.state_dict().items()}
-    assert model.config._attn_implementation == "sdpa"
-
-
 @pytest.mark.parametrize(
     "donors, message",
     [
         ({2: 3}, "a donor must come before its receiver"),
         ({2: 1, 3: 2}, "Layer 2 is a receiver, so it cannot be the donor"),
-        ({9: 1}, "model has layers 0..3"),
+        ({9: 1}, "layers 0..3"),
     ],
 )
 def test_bad_plans_are_refused_before_any_change(donors, message):
