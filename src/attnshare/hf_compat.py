@@ -1,4 +1,4 @@
-"""Every contact attnshare has with transformers beyond its top-level model classes, in one place.
+"""Every contact attnshare has with transformers beyond loading models and tokenizers, in one place.
 
 The library is tested on the transformers range declared in ``pyproject.toml`` (its lower bound and the newest
 release within it). Each difference between versions is handled here once, with a comment naming the version; no
@@ -17,8 +17,7 @@ from collections.abc import Callable, Iterator
 from importlib import metadata
 
 import torch
-from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache, DynamicLayer
 
 log = logging.getLogger(__name__)
 

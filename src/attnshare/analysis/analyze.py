@@ -20,6 +20,7 @@ from ..methods.sa.planner import PlanProbe
 from .collect import calibration_blocks, check_base_model, check_calibration_text
 from .metrics import best_match, best_permutation
 from .report import save_analysis
+from .sensitivity import divergence
 from .stats import collect_stats
 
 log = logging.getLogger(__name__)
@@ -178,8 +179,6 @@ def measure_sensitivity(model: nn.Module, config: AnalyzeConfig, tokenizer=None,
 
     ``head_js`` (already measured head similarities) saves recomputing the head maps of those pairs.
     """
-    from .sensitivity import divergence
-
     probe = PlanProbe(model, text=config.text, tokens=config.tokens, seq_len=config.seq_len,
                       heldout=config.heldout_tokens, progress=progress, tokenizer=tokenizer)
     probe.known_similarity(head_js or {})

@@ -18,6 +18,7 @@ from ..attention.dispatch import clear_hook, install, set_hook, uninstall
 from ..attention.functional import attention_probs, eager_attention
 from ..data import load_text, token_blocks
 from ..errors import AttnshareError
+from ..models.loading import resolve
 from ..sharing.state import state_of
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,6 @@ def model_tokenizer(model: nn.Module):
     if not base:
         return None
     from transformers import AutoTokenizer
-
-    from ..models.loading import resolve
 
     try:
         return AutoTokenizer.from_pretrained(resolve(base))

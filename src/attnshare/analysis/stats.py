@@ -10,7 +10,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..arch import geometry
+from ..errors import AttnshareError
 from . import metrics
+from .collect import record_attention
 from .metrics import LN2, causal_pack, flat_cosine, neg_entropy, packed_js_sum
 
 Pair = tuple[int, int]  # (earlier layer, later layer)
@@ -129,10 +132,6 @@ def collect_stats(model, blocks: torch.Tensor, *, head_pairs: list[Pair] = (), l
                   skip: int = 16, batch_size: int = 1, progress: bool = False) -> AttentionStats:
     """Stream calibration ``blocks`` (N, T) through ``model`` one batch at a time and accumulate the statistics."""
     from tqdm.auto import tqdm
-
-    from ..arch import geometry
-    from ..errors import AttnshareError
-    from .collect import record_attention
 
     geo = geometry(model)
     if not 0 <= skip < blocks.shape[1] - 1:

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..arch import geometry
 from ..hf_compat import new_cache, slot_tensors, with_cache
+from ..memory import layer_cache_bytes
 
 
 @dataclass(frozen=True)
@@ -127,9 +129,6 @@ def _matmul_flops(model: nn.Module, ids: torch.Tensor) -> int:
 
 def model_costs(model: nn.Module) -> ModelCosts:
     """Measure the byte model's inputs on ``model``: weights, per-layer cache bytes and widths, matmul FLOPs."""
-    from ..arch import geometry
-    from ..memory import layer_cache_bytes
-
     geo = geometry(model)
     device = next(model.parameters()).device
     tokens = 2  # fewer than any sliding window, so every layer keeps every token

@@ -6,6 +6,7 @@ The pipeline is a list of named steps; each step adds variants (table rows), sec
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -30,7 +31,8 @@ from ..paths import cache_dir
 from ..sharing.registry import get_method
 from ..training import TrainConfig
 from ..version import __version__
-from .variants import Baseline, VariantRow, baseline, measure_plans
+from .plots import Point, pareto_plot
+from .variants import Baseline, VariantRow, baseline, measure, measure_plans
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +104,11 @@ Step = Callable[[Report, torch.nn.Module, object], None]
 def step_base(report: Report, model, tokenizer) -> None:
     cfg = report.config
     if cfg.proxy_items:
-
         report.proxy_items = make_proxy_items(["next_sentence"], load_text(cfg.text), cfg.proxy_items, 0, cfg.text)
     report.base = baseline(model, tokenizer, cfg.ppl_config(), progress=False, proxy_items=report.proxy_items)
 
 
 def step_analyze(report: Report, model, tokenizer) -> None:
-
     cfg = report.config
     config = AnalyzeConfig(tokens=cfg.calib_tokens, seq_len=min(512, cfg.calib_tokens), sensitivity_every=3,
                            heldout_tokens=cfg.heldout_tokens)
@@ -128,7 +128,6 @@ def _planner_settings(cfg: DemoConfig) -> dict:
 
 
 def step_sa(report: Report, model, tokenizer) -> None:
-
     cfg, sa = report.config, get_method("sa")
     budgets = [b for b in cfg.sa_budgets if b < model.config.num_hidden_layers]
     configs = [SAConfig(budget=b, align_heads=True, **_planner_settings(cfg)) for b in budgets]
@@ -141,10 +140,6 @@ def step_sa(report: Report, model, tokenizer) -> None:
 
 
 def step_lisa(report: Report, model, tokenizer) -> None:
-    import copy
-
-    from .variants import measure
-
     cfg, lisa = report.config, get_method("lisa")
     key = f"{model_identity(model)['fingerprint']}-v{__version__}-f{cfg.lisa_fraction:g}-m{cfg.lisa_minutes:g}-c{cfg.calib_tokens}"
     cached = cache_dir() / "demo" / f"lisa-{key}"
@@ -168,8 +163,6 @@ def step_lisa(report: Report, model, tokenizer) -> None:
 
 def _load_cached(path: Path, model):
     """The cached trained artifact on a copy of `model`, or None when absent or written by an incompatible version."""
-    import copy
-
 
     if not (path / "attnshare.json").is_file():
         return None
@@ -190,7 +183,6 @@ def _lisa_settings(lisa, cfg: DemoConfig) -> dict:
 
 
 def step_directshare(report: Report, model, tokenizer) -> None:
-
     ds = get_method("directshare")
     for ratio in report.config.ds_ratios:
         plan = ds.make_plan(model, ds.config_cls(ratio=ratio))
@@ -199,7 +191,6 @@ def step_directshare(report: Report, model, tokenizer) -> None:
 
 
 def step_bench(report: Report, model, tokenizer) -> None:
-
     cfg = report.config
     variants = [base_variant(model)]
     picked = {}  # one variant per method: the largest budget measured
@@ -215,8 +206,6 @@ def step_bench(report: Report, model, tokenizer) -> None:
 
 
 def step_plots(report: Report, model, tokenizer) -> None:
-    from .plots import Point, pareto_plot
-
     def points(saving: str) -> list[Point]:
         return [Point(r.method, r.name.removeprefix(r.method).strip(), getattr(r, saving), r.ppl_ratio)
                 for r in report.variants if getattr(r, saving) > 0]
@@ -240,7 +229,6 @@ STEPS: list[tuple[str, Step]] = [
 
 
 def run_demo(config: DemoConfig) -> Report:
-
     report = Report(config)
     report.out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(config.model)

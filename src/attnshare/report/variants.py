@@ -11,7 +11,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from ..api import applied_plans, apply
 from ..evaluate.perplexity import PerplexityConfig, perplexity
+from ..evaluate.proxies import score_proxies
 from ..hf_compat import output_cache
 from ..memory import cache_bytes
 
@@ -59,8 +61,6 @@ def proxy_accuracies(model: nn.Module, tokenizer, proxy_items: dict[str, list] |
     """Accuracy per proxy task on prepared items (see :func:`attnshare.evaluate.proxies.make_proxy_items`)."""
     if not proxy_items:
         return {}
-    from ..evaluate.proxies import score_proxies
-
     return {name: res["accuracy"] for name, res in score_proxies(model, tokenizer, proxy_items, progress=progress).items()}
 
 
@@ -73,8 +73,6 @@ def baseline(model: nn.Module, tokenizer, ppl_config: PerplexityConfig, progress
 def measure(model: nn.Module, tokenizer, ppl_config: PerplexityConfig, base: Baseline, *, name: str, method: str,
             notes: str = "", progress: bool = True, proxy_items: dict[str, list] | None = None) -> VariantRow:
     """Measure an already-shared ``model`` against ``base`` (proxies scored on the same items as the base)."""
-    from ..api import applied_plans
-
     ppl = perplexity(model, tokenizer, ppl_config, progress).ppl
     params, kv = model.num_parameters(), kv_bytes_per_token(model)
     return VariantRow(
@@ -89,8 +87,6 @@ def measure_plans(base_model: nn.Module, tokenizer, plans, ppl_config: Perplexit
                   name: str, method: str, notes: str = "", progress: bool = True,
                   proxy_items: dict[str, list] | None = None) -> VariantRow:
     """Apply ``plans`` to a copy of ``base_model`` (the base stays untouched) and measure it."""
-    from ..api import apply
-
     shared = apply(copy.deepcopy(base_model), plans)
     try:
         return measure(shared, tokenizer, ppl_config, base, name=name, method=method, notes=notes, progress=progress,

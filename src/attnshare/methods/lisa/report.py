@@ -8,13 +8,12 @@ from ...arch import attention, geometry
 from ...hf_compat import output_cache
 from ...memory import cache_bytes
 from ...sharing.state import state_of
+from .plan import LiSAPlan
 
 
 def lisa_quantities(model: nn.Module, probe_tokens: int = 32) -> dict[str, float]:
     """Sizes of a model with one LiSA plan applied; the KV bytes are measured from a cache of ``probe_tokens``."""
     import torch
-
-    from .plan import LiSAPlan
 
     plan = next(a.plan for a in state_of(model).applied if isinstance(a.plan, LiSAPlan))
     geo = geometry(model)

@@ -14,6 +14,7 @@ from ...attention.dispatch import clear_hook, install, set_hook, uninstall
 from ...attention.functional import attention_scores, eager_attention, softmax_probs
 from ...models.loading import load_base
 from ...sharing.state import state_of
+from ...training.loop import batch_indices
 from ...training.losses import Objective, attention_map_kl, kl_distill
 
 log = logging.getLogger(__name__)
@@ -128,8 +129,6 @@ def layer_local_fit(model: nn.Module, teacher: nn.Module, layers: list[int], blo
     import time
 
     from tqdm.auto import tqdm
-
-    from ...training.loop import batch_indices
 
     params = [p for n, p in model.named_parameters() if ".lisa_" in n]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
