@@ -49,7 +49,7 @@ class DemoConfig:
     proxy_items: int = field(default=40, metadata={"help": "next-sentence proxy items per variant (0 skips)"})
     calib_tokens: int = field(default=1024, metadata={"help": "calibration tokens (plays) for analysis and planners"})
     heldout_tokens: int = field(default=256, metadata={"help": "held-out calibration tokens on which planners measure KL"})
-    sa_budgets: list[int] = field(default_factory=lambda: [2, 4], metadata={"help": "SA receiver counts to plan"})
+    sa_budgets: list[int] = field(default_factory=lambda: [4], metadata={"help": "SA receiver counts to plan"})
     lisa_fraction: float = field(default=0.53, metadata={"help": "fraction of layers that become LiSA layers"})
     lisa_minutes: float = field(
         default=2.0, metadata={"help": "LiSA training budget; the trained artifact is cached and reused by later runs"}
