@@ -17,6 +17,7 @@ from .models.loading import resolve
 from .plan import Plan
 from .sharing.apply import applied_plans, apply, unapply
 from .sharing.registry import get_method
+from .sharing.state import state_of
 from .training import TrainConfig
 
 __all__ = ["applied_plans", "apply", "is_artifact", "load", "load_model", "read_artifact", "save", "train", "unapply"]
@@ -28,7 +29,7 @@ def load_model(name_or_path: str = "smollm2-135m", *, dtype: torch.dtype | str =
     base model with the plans re-applied and the saved tensors loaded)."""
     if is_artifact(name_or_path):
         model, _ = load(name_or_path, dtype=dtype, device=device)
-        base = read_artifact(name_or_path)["base"]["base_model"]
+        base = state_of(model).identity["base_model"]  # the artifact's base, as recorded when its plans were applied
         return model, AutoTokenizer.from_pretrained(resolve(base), local_files_only=True)
     return load_base_model(name_or_path, dtype=dtype, num_layers=num_layers,
                            attn_implementation=attn_implementation, device=device)

@@ -153,18 +153,18 @@ def _ensure_slot(cache, layer_idx: int, make: Callable[[], object]) -> None:
         layers[layer_idx] = make()
 
 
-def update_value_only(cache, layer_idx: int, v: torch.Tensor, **kwargs) -> torch.Tensor:
+def update_value_only(cache, layer_idx: int, v: torch.Tensor) -> torch.Tensor:
     """Append V (B,Hkv,T,d) to slot ``layer_idx`` with a zero-width K (nothing stored for K); returns V (B,Hkv,S,d).
 
     A fresh plain slot becomes a :class:`ValueOnlyLayer` first; sliding slots count tokens themselves."""
     _ensure_slot(cache, layer_idx, ValueOnlyLayer)
-    _, v = cache.update(v.new_empty(*v.shape[:-1], 0), v, layer_idx, **kwargs)
+    _, v = cache.update(v.new_empty(*v.shape[:-1], 0), v, layer_idx)
     return v
 
 
-def update_kv(cache, layer_idx: int, k: torch.Tensor, v: torch.Tensor, **kwargs):
+def update_kv(cache, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
     """Append K (B,Hkv,T,dk) and V (B,Hkv,T,dv) to slot ``layer_idx``; returns the cached K and V (…,S,…)."""
-    return cache.update(k, v, layer_idx, **kwargs)
+    return cache.update(k, v, layer_idx)
 
 
 def slot_tensors(cache) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None]]:
