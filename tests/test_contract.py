@@ -41,7 +41,10 @@ from torch import nn
 import attnshare
 from attnshare.arch import geometry
 from attnshare.methods.directshare import DirectShareConfig, DirectSharePlan
+from attnshare.methods.drop import DropPlan
+from attnshare.methods.layerdrop import LayerDropPlan
 from attnshare.methods.lisa import LiSAPlan
+from attnshare.methods.mix import MixPlan
 from attnshare.methods.postshare import PostShareConfig
 from attnshare.methods.sa import SAPlan
 from attnshare.methods.sa.plan import nearest_donors
@@ -66,6 +69,7 @@ class Dims:
     window: int | None  # sliding window of sliding layers
     qkv_bias: bool
     qk_norm: bool
+    block_params: int  # one decoder block's parameters (attention, MLP, norms), read off the base's modules
 
     @classmethod
     def of(cls, model: nn.Module) -> Dims:
@@ -76,7 +80,8 @@ class Dims:
                    d=getattr(c, "head_dim", None) or c.hidden_size // H,
                    layer_types=tuple(getattr(c, "layer_types", None) or ["full_attention"] * L),
                    window=getattr(c, "sliding_window", None), qkv_bias=attn.q_proj.bias is not None,
-                   qk_norm=hasattr(attn, "q_norm"))
+                   qk_norm=hasattr(attn, "q_norm"),
+                   block_params=sum(p.numel() for p in model.model.layers[0].parameters()))
 
     @property
     def G(self) -> int:
@@ -117,6 +122,35 @@ def lisa_key_widths(dims: Dims, plans: list[Plan]) -> dict[int, int]:
 
 def no_key_change(dims: Dims, plans: list[Plan]) -> dict[int, int]:
     return {}
+
+
+def parts(plans: list[Plan]) -> list[Plan]:
+    """Plans with each mix plan split into its drop and SA parts."""
+    return [q for p in plans for q in (p.parts() if isinstance(p, MixPlan) else [p])]
+
+
+def removed_layers(plans: list[Plan]) -> set[int]:
+    return {layer for p in parts(plans) if isinstance(p, DropPlan) for layer in p.layers}  # LayerDropPlan too
+
+
+def removal_widths(dims: Dims, plans: list[Plan]) -> dict[int, int]:
+    """A removed attention (drop) or block (layerdrop) caches zero-width K and V: a token count, zero bytes."""
+    return {layer: 0 for layer in removed_layers(plans)}
+
+
+def removal_and_sa_key_widths(dims: Dims, plans: list[Plan]) -> dict[int, int]:
+    return {**sa_key_widths(dims, parts(plans)), **removal_widths(dims, plans)}
+
+
+def drop_delta(dims: Dims, plans: list[Plan]) -> int:
+    """A dropped layer loses its whole attention (q, k, v, o, norms); a removed block loses everything."""
+    blocks = {layer for p in plans if isinstance(p, LayerDropPlan) for layer in p.layers}
+    attention_only = removed_layers(plans) - blocks
+    return -len(attention_only) * dims.attention_params() - len(blocks) * dims.block_params
+
+
+def drop_and_sa_delta(dims: Dims, plans: list[Plan]) -> int:
+    return drop_delta(dims, plans) + stored_weights_delta(dims, parts(plans))
 
 
 def stored_weights_delta(dims: Dims, plans: list[Plan]) -> int:
@@ -191,6 +225,7 @@ class Entry:
     param_delta: Callable[[Dims, list[Plan]], int]  # num_parameters() after apply minus before
     perturb: Callable[[nn.Module], None] = no_perturb  # after apply: move untrained new modules off their init
     artifact_tensors: Callable[[nn.Module], set[str]] = no_tensors  # tensor names the saved artifact must hold
+    value_widths: Callable[[Dims, list[Plan]], dict[int, int]] = no_key_change  # cached V width, changed layers
 
     def __repr__(self) -> str:
         return self.name
@@ -221,6 +256,24 @@ def postshare(ratio: float = 0.5, **kw) -> Callable[[nn.Module], list[Plan]]:
     return lambda model: [attnshare.get_method("postshare").make_plan(model, PostShareConfig(ratio=ratio, **kw))]
 
 
+DROPPED = [0, 2]  # layer 0 included: its slot is the one HF reads the cache length from
+
+
+def drop(layers: list[int] = DROPPED) -> Callable[[nn.Module], list[Plan]]:
+    return lambda model: [DropPlan(layers=list(layers))]
+
+
+def layerdrop(layers: list[int] = DROPPED) -> Callable[[nn.Module], list[Plan]]:
+    return lambda model: [LayerDropPlan(layers=list(layers))]
+
+
+def drop_then_sa(model: nn.Module) -> list[Plan]:
+    """Layer 2 dropped; SA receiver 3 reuses the nearest earlier layer of its kind that still computes attention
+    (layer 1: on the uniform architectures the nearest, 2, is the dropped one)."""
+    donors = nearest_donors([3], geometry(model), unavailable=frozenset({2}))
+    return [DropPlan(layers=[2]), SAPlan(donors=donors)]
+
+
 def then(*makers) -> Callable[[nn.Module], list[Plan]]:
     """Plans of several makers, all made on the unchanged base, applied in order (composition)."""
     return lambda model: [p for make in makers for p in make(model)]
@@ -237,6 +290,14 @@ METHODS = [
     Entry("postshare", postshare(), postshare(ratio=0.0), no_key_change, stored_weights_delta),
     Entry("directshare+sa", then(directshare(share_o=True), sa()), then(directshare(ratio=0.0), lambda m: [SAPlan()]),
           sa_key_widths, stored_weights_delta),
+    Entry("drop", drop(), lambda m: [DropPlan()], removal_widths, drop_delta, value_widths=removal_widths),
+    Entry("layerdrop", layerdrop(), lambda m: [LayerDropPlan()], removal_widths, drop_delta,
+          value_widths=removal_widths),
+    Entry("mix", lambda m: [MixPlan(drop=[2], donors=nearest_donors([3], geometry(m), frozenset({2})),
+                                    head_map={3: FLIPPED[3]})],
+          lambda m: [MixPlan()], removal_and_sa_key_widths, drop_and_sa_delta, value_widths=removal_widths),
+    Entry("drop+sa", drop_then_sa, lambda m: [DropPlan(), SAPlan()], removal_and_sa_key_widths, drop_and_sa_delta,
+          value_widths=removal_widths),
 ]
 
 CASES = [pytest.param(entry, arch, id=f"{entry.name}-{arch}") for entry in METHODS for arch in ARCH_NAMES]
@@ -349,12 +410,15 @@ def test_left_padded_batch_equals_each_prompt_alone(entry, arch, bases):
 # ------------------------------------------------------------------------------------------------ 5. savings
 
 
-def expected_slots(dims: Dims, widths: dict[int, int], batch: int, tokens: int) -> list[tuple[tuple, tuple]]:
-    """(K shape, V shape) of every cache slot: K is (B, Hkv, kept, width), V is (B, Hkv, kept, d)."""
+def expected_slots(dims: Dims, widths: dict[int, int], batch: int, tokens: int,
+                   value_widths: dict[int, int] | None = None) -> list[tuple[tuple, tuple]]:
+    """(K shape, V shape) of every cache slot: K is (B, Hkv, kept, width), V is (B, Hkv, kept, d or its width)."""
+    value_widths = value_widths or {}
     slots = []
     for layer in range(dims.L):
         kept = dims.kept(layer, tokens)
-        slots.append(((batch, dims.Hkv, kept, widths.get(layer, dims.d)), (batch, dims.Hkv, kept, dims.d)))
+        slots.append(((batch, dims.Hkv, kept, widths.get(layer, dims.d)),
+                      (batch, dims.Hkv, kept, value_widths.get(layer, dims.d))))
     return slots
 
 
@@ -377,10 +441,10 @@ def test_kv_cache_bytes_exact(entry, arch, bases):
     _, base_cache = cached_forward(base.model, ids[:, :tokens])
     assert slot_shapes(base_cache) == expected_slots(dims, {}, batch, tokens)  # the formula itself, on the base
     model, plans = shared(entry, base)
-    widths = entry.key_widths(dims, plans)
+    widths, value_widths = entry.key_widths(dims, plans), entry.value_widths(dims, plans)
     _, cache = cached_forward(model, ids[:, :tokens])
     for n in (tokens, tokens + 1):
-        want = expected_slots(dims, widths, batch, n)
+        want = expected_slots(dims, widths, batch, n, value_widths)
         assert slot_shapes(cache) == want, f"after {n} tokens"
         assert cache_layer_bytes(cache) == slot_bytes(want), f"after {n} tokens"
         if n == tokens:

@@ -19,18 +19,19 @@ def test_demo_writes_a_report_with_every_method(tiny_folder, tmp_path, monkeypat
     monkeypatch.setattr(attnshare.report.demo, "cache_dir", lambda: cache)  # the trained LiSA artifact is cached here
     out = tmp_path / "report"
     argv = ["demo", "--model", str(folder), "--out", str(out), "--ppl-tokens", "128", "--window", "64",
-            "--proxy-items", "8", "--calib-tokens", "64", "--heldout-tokens", "32", "--sa-budgets", "1", "2",
-            "--lisa-fraction", "0.5", "--lisa-minutes", "0.02", "--ds-ratios", "0.3", "--bench-context", "16",
+            "--proxy-items", "8", "--calib-tokens", "64", "--heldout-tokens", "32", "--kv-savings", "0.25",
+            "--lisa-fraction", "0.5", "--lisa-minutes", "0.02", "--ds-ratios", "0.3", "--bench-context", "16", "--bench-long-batch", "2", "--bench-long-context", "24",
             "--bench-new-tokens", "4", "--bench-repeats", "1"]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     methods = [v["method"] for v in results["variants"]]
-    assert methods == ["sa", "sa", "lisa", "directshare"]
-    sa1, sa2 = results["variants"][:2]
-    assert sa1["kv_saved"] == pytest.approx(1 / 8) and sa2["kv_saved"] == pytest.approx(2 / 8)  # L = 4
-    assert results["variants"][3]["params_saved"] > 0
+    assert methods == ["sa", "drop", "layerdrop", "lisa", "directshare"]
+    for row in results["variants"][:3]:  # L = 4: 2 SA receivers, or 1 layer's attention, or 1 block
+        assert row["kv_saved"] == pytest.approx(0.25)
+    assert results["variants"][4]["params_saved"] > 0
     report = (out / "report.md").read_text()
     assert "## Speed and memory" in report and "| lisa 0.5 |" in report
+    assert "### At equal KV cache saved" in report and "(baseline)" in report and "Same layers" in report
     for image in ("pareto_kv_saved.png", "pareto_params_saved.png"):
         assert (out / image).stat().st_size > 1000 and f"]({image})" in report
     assert list((out / "analysis").glob("*.png"))

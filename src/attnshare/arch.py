@@ -101,10 +101,25 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def attention(model: nn.Module, layer: int) -> nn.Module:
-    """The attention module of decoder layer ``layer``."""
-    return getattr(decoder_layers(model)[layer], arch_of(model).attn)
+    """The attention module of decoder layer ``layer`` (a removed block has none)."""
+    module = getattr(decoder_layers(model)[layer], arch_of(model).attn, None)
+    if module is None:
+        raise AttnshareError(f"Layer {layer} has no attention module (its decoder block was removed by layerdrop).")
+    return module
 
 
 def set_attention(model: nn.Module, layer: int, module: nn.Module) -> None:
     """Replace the attention module of decoder layer ``layer``."""
     setattr(decoder_layers(model)[layer], arch_of(model).attn, module)
+
+
+def qk_parameters(model: nn.Module, layer: int) -> int:
+    """Parameters of layer ``layer``'s query and key projections (and q/k norms): what an SA receiver frees."""
+    spec, module = arch_of(model), attention(model, layer)
+    names = (spec.q, spec.k) + (("q_norm", "k_norm") if spec.qk_norm else ())
+    return sum(p.numel() for name in names if hasattr(module, name) for p in getattr(module, name).parameters())
+
+
+def attention_parameters(model: nn.Module, layer: int) -> int:
+    """Parameters of layer ``layer``'s whole attention module: what dropping it frees."""
+    return sum(p.numel() for p in attention(model, layer).parameters())

@@ -162,6 +162,21 @@ def update_value_only(cache, layer_idx: int, v: torch.Tensor) -> torch.Tensor:
     return v
 
 
+def update_length_only(cache, layer_idx: int, hidden: torch.Tensor, num_kv_heads: int) -> None:
+    """Count hidden's T new tokens (B,T,D) in slot ``layer_idx`` while storing nothing: K and V are zero-width
+    (B,Hkv,S,0), so positions, masks and beam reordering see the slot's length and it holds zero bytes."""
+    b, t, _ = hidden.shape
+    empty = hidden.new_empty(b, num_kv_heads, t, 0)
+    _ensure_slot(cache, layer_idx, ValueOnlyLayer)
+    cache.update(empty, empty, layer_idx)
+
+
+def decoder_layer_output(hidden: torch.Tensor):
+    """What a decoder layer's forward returns, given its output hidden states (B,T,D): in 5.17–5.24 the tensor
+    itself (4.x returned a tuple)."""
+    return hidden
+
+
 def update_kv(cache, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
     """Append K (B,Hkv,T,dk) and V (B,Hkv,T,dv) to slot ``layer_idx``; returns the cached K and V (…,S,…)."""
     return cache.update(k, v, layer_idx)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -23,7 +24,7 @@ from ..sharing.state import state_of
 
 log = logging.getLogger(__name__)
 
-EVAL_TEXTS = ("britannica", "hamlet")  # evaluation texts: calibration and planning never read them
+EVAL_TEXTS = ("britannica", "hamlet", "pyref")  # evaluation texts: calibration and planning never read them
 
 
 def check_calibration_text(text: str) -> None:
@@ -127,3 +128,23 @@ def record_attention(model: nn.Module, sink: Callable[[int, torch.Tensor], None]
         for layer in layers:
             clear_hook(attention(model, layer))
         uninstall(model)
+
+
+@dataclass
+class CalibrationConfig:
+    """Calibration knobs every measuring planner shares (mixed into the methods' configs, so the flags are one)."""
+
+    calib_text: str = field(default="plays", metadata={"help": "calibration text for planners (never an evaluation text)"})
+    calib_tokens: int = field(default=1024, metadata={"help": "calibration tokens (held-out tokens follow them)"})
+    calib_seq_len: int = field(default=512, metadata={"help": "calibration sequence length"})
+    heldout_tokens: int = field(
+        default=512, metadata={"help": "held-out calibration tokens on which planners measure the KL of candidate plans"}
+    )
+    shortlist: int = field(
+        default=0, metadata={"help": "candidates kept for greedy selection after single measurement (0: budget + 8)"}
+    )
+
+    def __post_init__(self) -> None:
+        check_calibration_text(self.calib_text)
+        if self.calib_tokens < 2 or self.heldout_tokens < 2 or self.calib_seq_len < 2 or self.shortlist < 0:
+            raise AttnshareError("Calibration and held-out token counts and the sequence length must be at least 2.")

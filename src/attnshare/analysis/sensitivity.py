@@ -7,14 +7,19 @@ after each measurement; the reference log-probabilities of the unshared model ar
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
+from ..arch import geometry
+from ..errors import AttnshareError
 from ..plan import Plan
 from ..sharing.apply import apply, unapply
+from .collect import calibration_blocks, check_base_model, model_tokenizer
 
 
 @dataclass
@@ -50,10 +55,71 @@ def divergence(model: nn.Module, blocks: torch.Tensor, reference: list[torch.Ten
     return Divergence(kl / count, math.exp(nll / count))
 
 
-def plan_divergence(model: nn.Module, plan: Plan, blocks: torch.Tensor, reference: list[torch.Tensor]) -> Divergence:
+def plan_divergence(model: nn.Module, plan: Plan | list[Plan], blocks: torch.Tensor, reference: list[torch.Tensor]) -> Divergence:
     """Apply ``plan`` to the (base) ``model``, measure :func:`divergence`, and undo it (the model ends unchanged)."""
     apply(model, plan, keep_originals=True)
     try:
         return divergence(model, blocks, reference)
     finally:
         unapply(model)
+
+
+class Probe:
+    """Measures candidate plans on one base model: held-out calibration blocks and their reference log-probs.
+
+    The held-out tokens follow the first ``tokens`` calibration tokens of ``text`` (never an evaluation text).
+    """
+
+    def __init__(self, model: nn.Module, *, text: str = "plays", tokens: int = 1024, seq_len: int = 512,
+                 heldout: int = 512, progress: bool = False, tokenizer=None) -> None:
+        check_base_model(model)
+        self.model, self.text, self.tokens, self.seq_len, self.progress = model, text, tokens, seq_len, progress
+        self.tokenizer = tokenizer if tokenizer is not None else model_tokenizer(model)
+        self.geo = geometry(model)
+        self.heldout = calibration_blocks(model, text, heldout, min(seq_len, heldout), offset=tokens,
+                                          tokenizer=self.tokenizer)  # (N, T)
+        self.reference = forward_logprobs(model, self.heldout)
+        self.measured = 0
+
+    def measure(self, plans: Plan | list[Plan]) -> Divergence:
+        """KL from the base and ppl of the model with ``plans`` applied (the model ends unchanged)."""
+        self.measured += 1
+        return plan_divergence(self.model, plans, self.heldout, self.reference)
+
+
+@dataclass
+class Step:
+    """One step of a greedy selection: the items chosen so far and the divergence of the plan they make."""
+
+    chosen: list
+    score: Divergence
+
+
+def greedy_select(measure: Callable[[list], Divergence], candidates: list, count: int, *,
+                  valid: Callable[[list], list] | None = None, shortlist: int = 0, progress: bool = False,
+                  desc: str = "greedy selection") -> list[Step]:
+    """Greedy forward selection of ``count`` items, by the measured divergence of the whole plan.
+
+    Every candidate is first measured alone; the ``shortlist`` best (0: count + 8) stay in the running; then items
+    are added one at a time, each time the one whose addition gives the smallest KL (ties: the smallest item).
+    ``valid(chosen)`` lists the items that may join ``chosen`` (default: any not chosen). Returns one
+    :class:`Step` per size 1..count, so the selections for smaller counts are prefixes of the largest one.
+    """
+    valid = valid or (lambda chosen: [c for c in candidates if c not in chosen])
+    single = {c: measure([c]) for c in tqdm(candidates, desc=f"{desc}: single", unit="candidate",
+                                             disable=not progress, leave=False)}
+    keep = sorted(candidates, key=lambda c: (single[c].kl, c))[:max(shortlist or count + 8, count)]
+    best = keep[0]
+    steps = [Step([best], single[best])]
+    bar = tqdm(total=count - 1, desc=desc, unit="step", disable=not progress or count < 2, leave=False)
+    while len(steps) < count:
+        chosen = steps[-1].chosen
+        options = [c for c in valid(chosen) if c in keep]
+        if not options:
+            raise AttnshareError(f"No valid choice is left after {chosen}; ask for a smaller budget.")
+        trials = {c: measure([*chosen, c]) for c in options}
+        best = min(options, key=lambda c: (trials[c].kl, c))
+        steps.append(Step([*chosen, best], trials[best]))
+        bar.update()
+    bar.close()
+    return steps

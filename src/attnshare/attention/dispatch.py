@@ -97,6 +97,12 @@ class Publisher:
 
 
 def set_hook(module: torch.nn.Module, hook) -> None:
+    """Give an attention module a hook; a module that computes no attention (dropped) cannot have one."""
+    if getattr(module, "computes_attention", True) is False:
+        raise AttnshareError(
+            f"Layer {module.layer_idx} computes no attention (it was dropped), so no other layer can reuse or record "
+            "it; pick a layer that keeps its attention."
+        )
     setattr(module, HOOK, hook)
 
 

@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {  # in workflow order (the order --help lists them)
     "apply": "attnshare.cli.apply",
     "train": "attnshare.cli.train",
     "sweep": "attnshare.cli.sweep",
+    "compare": "attnshare.cli.compare",
     "eval": "attnshare.cli.eval_cmd",
     "bench": "attnshare.cli.bench",
     "generate": "attnshare.cli.generate",

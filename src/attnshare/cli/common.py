@@ -171,7 +171,7 @@ def add_method_args(p) -> None:
     p.add_argument("--method", choices=sorted(METHODS), help="sharing method (not needed with --plan)")
     p.add_argument("--plan", help="plan JSON file from `attnshare plan` (one plan or a list applied in order)")
     for method in sorted(METHODS):
-        add_dataclass_args(p, get_method(method).config_cls)
+        add_dataclass_args(p, get_method(method).config_cls, tag=method)
 
 
 def prepare_plans(args, *, required: bool = True):

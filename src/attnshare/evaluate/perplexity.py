@@ -17,7 +17,7 @@ from ..errors import AttnshareError
 class PerplexityConfig:
     """How perplexity is measured; compare methods only under the same protocol."""
 
-    text: str = field(default="britannica", metadata={"help": "named text (britannica, hamlet, plays) or a file"})
+    text: str = field(default="britannica", metadata={"help": "named text (britannica, hamlet, pyref; plays is for calibration) or a file"})
     window: int = field(default=1024, metadata={"help": "tokens per non-overlapping window"})
     max_tokens: int = field(default=16384, metadata={"help": "use the first N tokens of the text"})
     batch_size: int = field(default=4, metadata={"help": "windows per forward pass"})

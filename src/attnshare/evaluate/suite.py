@@ -14,7 +14,7 @@ from .proxies import PROXIES, get_proxy, make_proxy_items, score_proxies
 class EvalConfig:
     """What `attnshare eval` measures (SPEC §6 protocols)."""
 
-    text: str = field(default="britannica", metadata={"help": "named text (britannica, hamlet, plays) or a file"})
+    text: str = field(default="britannica", metadata={"help": "named text (britannica, hamlet, pyref; plays is for calibration) or a file"})
     window: int = field(default=1024, metadata={"help": "perplexity window length in tokens"})
     max_tokens: int = field(default=16384, metadata={"help": "perplexity over the first N tokens"})
     batch_size: int = field(default=4, metadata={"help": "windows (or proxy items) per forward pass"})

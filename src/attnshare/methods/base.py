@@ -18,6 +18,7 @@ class SharingMethod(ABC):
     """A sharing method: a config (planning knobs), a plan type, and how to apply a plan to a model."""
 
     name: ClassVar[str]
+    baseline: ClassVar[bool] = False  # a simple alternative to sharing (removal), shown beside every method
     config_cls: ClassVar[type]
     plan_cls: ClassVar[type[Plan]]
 
@@ -28,6 +29,12 @@ class SharingMethod(ABC):
     def make_plans(self, model: nn.Module, configs: list[Any]) -> list[Plan]:
         """Plans for several configs (a budget sweep); methods whose planner can share work override this."""
         return [self.make_plan(model, config) for config in configs]
+
+    def config_for_saving(self, model: nn.Module, kind: str, fraction: float) -> Any | None:
+        """A config whose plan saves about ``fraction`` (at least, where steps are coarse) of ``model``'s KV cache
+        (``kind="kv"``) or parameters (``kind="params"``), or None where this method cannot reach it untrained.
+        Used for equal-savings comparisons (``attnshare compare``)."""
+        return None
 
     @abstractmethod
     def apply(self, model: nn.Module, plan: Plan, state: SharingState, applied: Applied) -> None:

@@ -25,12 +25,13 @@ from ..data import load_text
 from ..errors import AttnshareError
 from ..evaluate.perplexity import PerplexityConfig
 from ..evaluate.proxies import make_proxy_items
-from ..methods.sa import SAConfig, SAPlan
+from ..methods.sa import SAPlan
 from ..models.loading import model_identity
 from ..paths import cache_dir
-from ..sharing.registry import get_method
+from ..sharing.registry import get_method, plans_from_json
 from ..training import TrainConfig
 from ..version import __version__
+from .compare import CompareConfig, compare, markdown
 from .plots import Point, pareto_plot
 from .variants import Baseline, VariantRow, baseline, measure, measure_plans
 
@@ -49,21 +50,31 @@ class DemoConfig:
     proxy_items: int = field(default=40, metadata={"help": "next-sentence proxy items per variant (0 skips)"})
     calib_tokens: int = field(default=1024, metadata={"help": "calibration tokens (plays) for analysis and planners"})
     heldout_tokens: int = field(default=256, metadata={"help": "held-out calibration tokens on which planners measure KL"})
-    sa_budgets: list[int] = field(default_factory=lambda: [4], metadata={"help": "SA receiver counts to plan"})
+    kv_savings: list[float] = field(
+        default_factory=lambda: [0.067],
+        metadata={"help": "KV savings at which SA, mix and the drop/layerdrop baselines are compared (0.067: 4 SA receivers)"},
+    )
+    compare_methods: list[str] = field(
+        default_factory=lambda: ["sa", "drop", "layerdrop"],
+        metadata={"help": "methods of the equal-savings step (add mix for the mixed planner; it costs minutes)"},
+    )
+    second_text: str = field(default="pyref", metadata={"help": "second held-out text of the equal-savings table"})
     lisa_fraction: float = field(default=0.53, metadata={"help": "fraction of layers that become LiSA layers"})
     lisa_minutes: float = field(
         default=2.0, metadata={"help": "LiSA training budget; the trained artifact is cached and reused by later runs"}
     )
     ds_ratios: list[float] = field(default_factory=lambda: [0.1, 0.3], metadata={"help": "DirectShare ratios"})
-    bench_context: int = field(default=512, metadata={"help": "benchmark prompt tokens (batch 1)"})
+    bench_context: int = field(default=512, metadata={"help": "short benchmark: prompt tokens (batch 1)"})
+    bench_long_batch: int = field(default=4, metadata={"help": "long benchmark: sequences (0 skips it)"})
+    bench_long_context: int = field(default=1536, metadata={"help": "long benchmark: prompt tokens per sequence"})
     bench_new_tokens: int = field(default=32, metadata={"help": "benchmark decode steps"})
     bench_repeats: int = field(default=2, metadata={"help": "benchmark repeats (medians)"})
 
     def __post_init__(self) -> None:
         if self.ppl_tokens < self.window or self.window < 2:
             raise AttnshareError("--ppl-tokens must be at least one --window, and --window at least 2 tokens.")
-        if any(b < 1 for b in self.sa_budgets):
-            raise AttnshareError("--sa-budgets must be positive numbers of receiver layers.")
+        if not all(0 < f < 1 for f in self.kv_savings):
+            raise AttnshareError("--kv-savings must be fractions in (0, 1).")
         if not 0 < self.lisa_fraction < 1 or not all(0 <= r < 1 for r in self.ds_ratios):
             raise AttnshareError("--lisa-fraction must lie in (0, 1) and --ds-ratios in [0, 1).")
         if self.proxy_items < 0 or self.lisa_minutes <= 0 or self.bench_repeats < 1:
@@ -83,6 +94,7 @@ class Report:
     timings: dict[str, float] = field(default_factory=dict)
     proxy_items: dict[str, list] | None = None
     bench_variants: list = field(default_factory=list)  # (name, build) pairs for the benchmark step
+    compare: list = field(default_factory=list)  # (base, rows, config) of each equal-savings comparison
 
     @property
     def out(self) -> Path:
@@ -127,16 +139,28 @@ def _planner_settings(cfg: DemoConfig) -> dict:
             "heldout_tokens": cfg.heldout_tokens}
 
 
-def step_sa(report: Report, model, tokenizer) -> None:
-    cfg, sa = report.config, get_method("sa")
-    budgets = [b for b in cfg.sa_budgets if b < model.config.num_hidden_layers]
-    configs = [SAConfig(budget=b, align_heads=True, **_planner_settings(cfg)) for b in budgets]
-    for budget, plan in zip(budgets, sa.make_plans(model, configs)):
-        report.measure(model, tokenizer, plan, f"sa {budget} receivers", "sa", "planner, aligned heads")
-        report.bench_variants.append((f"sa {budget}", [plan]))
+def step_equal_savings(report: Report, model, tokenizer) -> None:
+    """Each method's own plan at the same KV saving, beside the removal baselines, on two held-out texts."""
+    cfg = report.config
+    config = CompareConfig(kv_saving=list(cfg.kv_savings), param_saving=[], methods=list(cfg.compare_methods),
+                           texts=[cfg.text, cfg.second_text], max_tokens=cfg.ppl_tokens, window=cfg.window,
+                           **_planner_settings(cfg))
+    base, rows = compare(model, tokenizer, config, progress=False)
+    report.compare.append((base, rows, config))
+    for row in rows:
+        if row.kind != "kv":
+            continue
+        name = f"{row.method} at {100 * row.target:.1f}% KV"
+        notes = "removal baseline, untrained" if row.baseline else "own planner, untrained"
+        report.variants.append(VariantRow(
+            name=name, method=row.method, plan=row.plan, ppl=row.ppl[cfg.text], ppl_ratio=row.ratio[cfg.text],
+            params=row.params, params_saved=row.params_saved, kv_per_token=row.kv_per_token, kv_saved=row.kv_saved,
+            notes=notes + " (no proxy: the equal-savings step scores perplexity only)"))
+        report.bench_variants.append((name, plans_from_json(row.plans)))
+    report.section("Equal savings (untrained plans, two held-out texts)", markdown(base, rows, config))
     if model.config.num_hidden_layers == 30:  # the paper's style of fixed late span, for comparison
         span = SAPlan(donors={23: 22, 24: 22, 25: 22, 26: 22})
-        report.measure(model, tokenizer, span, "sa span 23-26<-22", "sa", "paper-style fixed span")
+        report.measure(model, tokenizer, span, "sa span 23-26<-22", "sa", "paper-style fixed span, untrained")
 
 
 def step_lisa(report: Report, model, tokenizer) -> None:
@@ -198,11 +222,18 @@ def step_bench(report: Report, model, tokenizer) -> None:
         picked[name.split()[0]] = (name, what)
     for name, what in picked.values():
         variants.append(artifact_variant(model, what, name) if isinstance(what, Path) else plan_variant(model, what, name))
-    scenario = get_scenario("short", context=cfg.bench_context, new_tokens=cfg.bench_new_tokens)
-    result = run_bench(variants, scenario, BenchConfig(repeats=cfg.bench_repeats, warmup=1, progress=False),
-                       command="attnshare demo")
-    (report.out / "bench.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
-    report.section("Speed and memory (same process, interleaved)", result.to_markdown())
+    scenarios = [get_scenario("short", context=cfg.bench_context, new_tokens=cfg.bench_new_tokens)]
+    if cfg.bench_long_batch:  # where KV reads rival weight reads, so cache savings can show in decode speed
+        scenarios.append(get_scenario("long", batch=cfg.bench_long_batch, context=cfg.bench_long_context,
+                                      new_tokens=cfg.bench_new_tokens))
+    results = {}
+    for scenario in scenarios:
+        result = run_bench(variants, scenario, BenchConfig(repeats=cfg.bench_repeats, warmup=1, progress=False),
+                           command="attnshare demo")
+        results[scenario.name] = result.to_dict()
+        report.section(f"Speed and memory: {scenario.name} (batch {scenario.batch}, {scenario.context}-token "
+                       f"prompt, {scenario.new_tokens} new tokens; same process, interleaved)", result.to_markdown())
+    (report.out / "bench.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
 
 
 def step_plots(report: Report, model, tokenizer) -> None:
@@ -220,7 +251,7 @@ def step_plots(report: Report, model, tokenizer) -> None:
 STEPS: list[tuple[str, Step]] = [
     ("base", step_base),
     ("analyze", step_analyze),
-    ("sa", step_sa),
+    ("equal savings", step_equal_savings),
     ("lisa", step_lisa),
     ("directshare", step_directshare),
     ("bench", step_bench),

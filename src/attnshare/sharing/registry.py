@@ -15,6 +15,9 @@ METHODS: dict[str, str] = {
     "lisa": "attnshare.methods.lisa:LiSA",
     "directshare": "attnshare.methods.directshare:DirectShare",
     "postshare": "attnshare.methods.postshare:PostShare",
+    "drop": "attnshare.methods.drop:Drop",  # baseline: attention sublayers removed
+    "layerdrop": "attnshare.methods.layerdrop:LayerDrop",  # baseline: whole decoder blocks removed
+    "mix": "attnshare.methods.mix:Mix",  # per layer: keep, SA receiver or drop
 }
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ...analysis.collect import check_calibration_text
+from ...analysis.collect import CalibrationConfig
 from ...errors import AttnshareError
 from ...plan import check_layer_list
 
 
 @dataclass
-class SAConfig:
+class SAConfig(CalibrationConfig):
     """How SA chooses receivers and donors.
 
     Budget: ``--budget N`` asks the planner for N receiver layers (each saves its q/k projections and its K cache,
@@ -24,11 +24,11 @@ class SAConfig:
     )
     budget: int = field(
         default=0,
-        metadata={"help": "SA: number of receiver layers the planner chooses, 1..L-1 (0: use --receivers or --kv-saving)"},
+        metadata={"help": "number of receiver layers the planner chooses, 1..L-1 (0: use --receivers or --kv-saving)"},
     )
     kv_saving: float = field(
         default=0.0,
-        metadata={"help": "SA: fraction of the KV cache to save, in (0, 0.5); each receiver saves 1/(2L) (0: unused)"},
+        metadata={"help": "fraction of the KV cache to save, in (0, 0.5); each receiver saves 1/(2L) (0: unused)"},
     )
     align_heads: bool = field(
         default=False, metadata={"help": "map receiver heads to their best-matching donor heads (training-free extension)"}
@@ -36,22 +36,9 @@ class SAConfig:
     fused_prefill: bool = field(
         default=True, metadata={"help": "prefill receivers with fused SDPA over the donor's Q/K instead of materialised probabilities"}
     )
-    calib_text: str = field(
-        default="plays", metadata={"help": "calibration text for planners (never an evaluation text)"}
-    )
-    calib_tokens: int = field(
-        default=1024, metadata={"help": "calibration tokens for attention statistics (held-out tokens follow them)"}
-    )
-    calib_seq_len: int = field(default=512, metadata={"help": "calibration sequence length"})
-    heldout_tokens: int = field(
-        default=512, metadata={"help": "held-out calibration tokens on which planners measure the KL of candidate plans"}
-    )
-    shortlist: int = field(
-        default=0, metadata={"help": "SA: layers kept for greedy selection after single-layer measurement (0: budget + 8)"}
-    )
 
     def __post_init__(self) -> None:
-        check_calibration_text(self.calib_text)
+        super().__post_init__()
         if isinstance(self.budget, float):  # the CLI's shared --budget flag may arrive as a float
             if not self.budget.is_integer():
                 raise AttnshareError(f"The SA budget is a number of receiver layers; got {self.budget}.")
@@ -65,5 +52,3 @@ class SAConfig:
             raise AttnshareError("Give either --receivers (explicit layers) or --budget/--kv-saving (planned), not both.")
         if self.budget and self.kv_saving:
             raise AttnshareError("Give either --budget (receivers) or --kv-saving (fraction of the KV cache), not both.")
-        if self.calib_tokens < 2 or self.heldout_tokens < 2 or self.calib_seq_len < 2 or self.shortlist < 0:
-            raise AttnshareError("Calibration and held-out token counts and the sequence length must be at least 2.")

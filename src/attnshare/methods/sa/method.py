@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from torch import nn
 
 from ...analysis.heads import head_maps_for
-from ...arch import arch_of, attention, geometry, set_attention
+from ...arch import arch_of, attention, geometry, qk_parameters, set_attention
 from ...attention.dispatch import Publisher, clear_hook, install, set_hook
 from ...errors import AttnshareError
 from ...sharing.state import Applied, SharingState
@@ -36,6 +37,16 @@ class SA(SharingMethod):
             return plan_sa(model, config)
         raise AttnshareError("SA needs --receivers LAYER..., --budget N or --kv-saving F to choose receiver layers.")
 
+    def config_for_saving(self, model: nn.Module, kind: str, fraction: float) -> SAConfig | None:
+        """Aligned receivers: each saves 1/(2L) of the KV cache, or its q/k parameters."""
+        geo = geometry(model)
+        if kind == "kv":
+            count = math.ceil(fraction * 2 * geo.num_layers - 1e-9)
+        else:
+            qk = min(qk_parameters(model, layer) for layer in range(geo.num_layers))
+            count = math.ceil(fraction * model.num_parameters() / qk - 1e-9)
+        return SAConfig(budget=count, align_heads=True) if 1 <= count <= geo.num_layers - 1 else None
+
     def make_plans(self, model: nn.Module, configs: list[SAConfig]) -> list[SAPlan]:
         """A receiver-budget sweep costs one greedy selection: the plans of smaller budgets are its prefixes."""
         if not configs:
@@ -58,6 +69,9 @@ class SA(SharingMethod):
         install(model)
         for receiver, donor in sorted(plan.donors.items()):
             base = attention(model, receiver)
+            if getattr(base, "computes_attention", True) is False:
+                raise AttnshareError(f"Layer {receiver} computes no attention (it was dropped), so it cannot be an SA "
+                                     "receiver; leave it out of the SA plan.")
             path = f"{spec.layers}.{receiver}.{spec.attn}"
             removable = [spec.q, spec.k] + (["q_norm", "k_norm"] if spec.qk_norm else [])
             detached = detach(base, path, removable, keep=state.keep_originals)

@@ -69,17 +69,18 @@ class SAPlan(Plan):
         return f"sa: {len(self.donors)} receivers ({pairs}){' aligned' if self.head_map else ''}"
 
 
-def nearest_donors(receivers: list[int], geo: Geometry) -> dict[int, int]:
-    """Each receiver reuses the nearest earlier non-receiver layer of the same window kind."""
-    chosen = set(receivers)
-    for r in sorted(chosen):
+def nearest_donors(receivers: list[int], geo: Geometry, unavailable: frozenset[int] = frozenset()) -> dict[int, int]:
+    """Each receiver reuses the nearest earlier non-receiver layer of the same window kind (never one of
+    ``unavailable``: layers that compute no attention, e.g. dropped ones)."""
+    chosen = set(receivers) | set(unavailable)
+    for r in sorted(receivers):
         if not 0 <= r < geo.num_layers:
             raise AttnshareError(
                 f"Receiver layer {r} is out of range for a {geo.num_layers}-layer model; pick receivers in "
                 f"1..{geo.num_layers - 1}."
             )
     donors = {}
-    for r in sorted(chosen):
+    for r in sorted(receivers):
         candidates = [d for d in range(r - 1, -1, -1) if d not in chosen and geo.layer_types[d] == geo.layer_types[r]]
         if not candidates:
             raise AttnshareError(f"Layer {r} has no earlier non-receiver layer of its kind to reuse; drop it from the receivers.")

@@ -13,10 +13,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...analysis.collect import calibration_blocks, check_base_model, model_tokenizer
 from ...analysis.heads import head_similarity
 from ...analysis.metrics import best_permutation
-from ...analysis.sensitivity import Divergence, forward_logprobs, plan_divergence
+from ...analysis.sensitivity import Divergence, Probe, greedy_select
 from ...analysis.stats import Pair
 from ...arch import geometry
 from ...errors import AttnshareError
@@ -26,32 +25,28 @@ from .plan import SAPlan, nearest_donors
 log = logging.getLogger(__name__)
 
 
-class PlanProbe:
-    """Measures candidate plans on one model: calibration blocks, held-out reference log-probs, cached head maps."""
+class PlanProbe(Probe):
+    """A :class:`~attnshare.analysis.sensitivity.Probe` that also makes SA plans (with cached head maps)."""
 
-    def __init__(self, model: nn.Module, *, text: str = "plays", tokens: int = 1024, seq_len: int = 512,
-                 heldout: int = 512, progress: bool = False, tokenizer=None) -> None:
-        check_base_model(model)
-        self.model, self.text, self.tokens, self.seq_len, self.progress = model, text, tokens, seq_len, progress
-        self.tokenizer = tokenizer if tokenizer is not None else model_tokenizer(model)
-        self.geo = geometry(model)
-        seq = min(seq_len, heldout)
-        self.heldout = calibration_blocks(model, text, heldout, seq, offset=tokens, tokenizer=tokenizer)  # (N, T)
-        self.reference = forward_logprobs(model, self.heldout)
+    def __init__(self, model: nn.Module, **kwargs) -> None:
+        super().__init__(model, **kwargs)
         self._head_maps: dict[Pair, list[int]] = {}
-        self.measured = 0
 
     def known_similarity(self, sims: dict[Pair, torch.Tensor]) -> None:
         """Reuse head similarities measured elsewhere (same calibration tokens) instead of recomputing them."""
         self._head_maps.update({pair: best_permutation(sim) for pair, sim in sims.items()})
 
-    def head_maps(self, donors: dict[int, int]) -> dict[int, list[int]]:
-        """Head maps for ``donors``; missing (donor, receiver) pairs are computed in one calibration pass."""
-        missing = sorted({(d, r) for r, d in donors.items()} - set(self._head_maps))
+    def head_map_pairs(self, pairs: list[Pair]) -> None:
+        """Compute the head maps of the (donor, receiver) ``pairs`` not known yet, in one calibration pass."""
+        missing = sorted(set(pairs) - set(self._head_maps))
         if missing:
             sims = head_similarity(self.model, missing, text=self.text, tokens=self.tokens, seq_len=self.seq_len,
                                    tokenizer=self.tokenizer, progress=self.progress)
             self._head_maps.update({pair: best_permutation(sim) for pair, sim in sims.items()})
+
+    def head_maps(self, donors: dict[int, int]) -> dict[int, list[int]]:
+        """Head maps for ``donors``; missing (donor, receiver) pairs are computed in one calibration pass."""
+        self.head_map_pairs([(d, r) for r, d in donors.items()])
         return {r: self._head_maps[(d, r)] for r, d in donors.items()}
 
     def sa_plan(self, receivers: list[int], aligned: bool, fused_prefill: bool = True) -> SAPlan:
@@ -59,10 +54,6 @@ class PlanProbe:
         if aligned:
             plan.head_map = self.head_maps(plan.donors)
         return plan
-
-    def measure(self, plan: SAPlan) -> Divergence:
-        self.measured += 1
-        return plan_divergence(self.model, plan, self.heldout, self.reference)
 
     def valid_receivers(self, chosen: list[int]) -> list[int]:
         """Layers that can join ``chosen`` as SA receivers (a same-kind non-receiver layer exists before them)."""
@@ -125,26 +116,15 @@ def plan_sa_curve(model: nn.Module, config: SAConfig, budgets: list[int], *,
             "ask for fewer receivers."
         )
     aligned = config.align_heads
-    single = probe.single_layer(candidates, aligned, desc="SA single-layer sensitivity")
-    log.info("SA single-layer KL: %s", {layer: round(d.kl, 4) for layer, d in single.items()})
-    shortlist_size = config.shortlist or top + 8
-    shortlist = sorted(candidates, key=lambda layer: (single[layer].kl, layer))[:max(shortlist_size, top)]
-    best = min(shortlist, key=lambda layer: (single[layer].kl, layer))
-    chosen, score = [best], single[best]
+    if aligned:  # every single-layer head map in one calibration pass
+        probe.head_maps({r: d for r in candidates for d in nearest_donors([r], geo).values()})
+    steps = greedy_select(lambda receivers: probe.measure(probe.sa_plan(receivers, aligned)), candidates, top,
+                          valid=probe.valid_receivers, shortlist=config.shortlist, progress=progress,
+                          desc="SA greedy selection")
     plans = {}
-    steps = tqdm(range(top), desc="SA greedy selection", unit="receiver", disable=not progress, leave=False)
-    for _ in steps:
-        if len(chosen) in budgets:
-            plans[len(chosen)] = probe.sa_plan(chosen, aligned, fused_prefill=config.fused_prefill)
-            log.info("SA plan %s (KL %.4f, held-out ppl %.3f)", plans[len(chosen)].summary(), score.kl, score.ppl)
-        if len(chosen) == top:
-            break
-        options = [layer for layer in probe.valid_receivers(chosen) if layer in shortlist]
-        if not options:
-            raise AttnshareError(f"No valid SA receiver is left after {chosen}; ask for fewer receivers.")
-        trials = {layer: probe.measure(probe.sa_plan([*chosen, layer], aligned)) for layer in options}
-        best = min(options, key=lambda layer: (trials[layer].kl, layer))
-        chosen.append(best)
-        score = trials[best]
+    for budget in budgets:
+        step = steps[budget - 1]
+        plans[budget] = probe.sa_plan(step.chosen, aligned, fused_prefill=config.fused_prefill)
+        log.info("SA plan %s (KL %.4f, held-out ppl %.3f)", plans[budget].summary(), step.score.kl, step.score.ppl)
     log.info("SA planning measured %d plans", probe.measured)
     return plans

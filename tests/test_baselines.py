@@ -1,0 +1,142 @@
+"""The removal baselines (drop, layerdrop), the mix planner and `attnshare compare` (equal-savings tables).
+
+Exact quantities only: layer counts from budgets, savings read off the cache and the parameter count, nested
+greedy curves, and the same-layers comparison naming exactly SA's receivers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from conftest import tiny_model
+from test_cli import tiny_folder  # noqa: F401  (fixture)
+
+import attnshare
+from attnshare.arch import attention_parameters, decoder_layers, qk_parameters
+from attnshare.cli import main
+from attnshare.errors import AttnshareError
+from attnshare.methods.drop import DropConfig, DropPlan
+from attnshare.methods.drop.planner import block_influence
+from attnshare.methods.layerdrop import LayerDropConfig
+from attnshare.methods.mix import MixConfig, MixPlan
+from attnshare.methods.mix.planner import plan_mix_curve
+from attnshare.methods.sa import SAPlan
+from attnshare.report.variants import kv_bytes_per_token
+
+SMALL = {"calib_tokens": 64, "calib_seq_len": 32, "heldout_tokens": 32, "shortlist": 0}
+
+
+def test_drop_budgets_in_layers_kv_and_parameters():
+    model = tiny_model("llama", num_layers=6)
+    drop = attnshare.get_method("drop")
+    assert len(drop.make_plan(model, DropConfig(budget=2, **SMALL)).layers) == 2
+    assert len(drop.make_plan(model, DropConfig(kv_saving=0.3, **SMALL)).layers) == 2  # ceil(0.3 * 6)
+    per_layer = attention_parameters(model, 0)
+    fraction = 2.5 * per_layer / model.num_parameters()  # needs 3 layers
+    plan = drop.make_plan(model, DropConfig(param_saving=fraction, **SMALL))
+    assert len(plan.layers) == 3
+    shared = attnshare.apply(tiny_model("llama", num_layers=6), plan)
+    assert model.num_parameters() - shared.num_parameters() == 3 * per_layer
+    assert kv_bytes_per_token(shared) == pytest.approx(kv_bytes_per_token(model) * 3 / 6)
+
+
+def test_drop_curve_is_nested_and_equals_separate_plans():
+    model = tiny_model("qwen3", num_layers=6)
+    configs = [DropConfig(budget=b, **SMALL) for b in (1, 2, 3)]
+    curve = attnshare.get_method("drop").make_plans(model, configs)
+    assert set(curve[0].layers) <= set(curve[1].layers) <= set(curve[2].layers)
+    for config, plan in zip(configs, curve):
+        assert plan.to_dict() == attnshare.get_method("drop").make_plan(model, config).to_dict()
+
+
+def test_layerdrop_by_block_influence_picks_the_least_influential_blocks():
+    model = tiny_model("llama", num_layers=6)
+    from attnshare.analysis.collect import calibration_blocks
+
+    blocks = calibration_blocks(model, "plays", 64, 32)
+    scores = block_influence(model, blocks, "block")
+    assert len(scores) == 6 and all(0 <= s <= 2 for s in scores)
+    plan = attnshare.get_method("layerdrop").make_plan(model, LayerDropConfig(budget=2, score="influence", **SMALL))
+    assert plan.layers == sorted(sorted(range(6), key=lambda i: (scores[i], i))[:2])
+    shared = attnshare.apply(tiny_model("llama", num_layers=6), plan)
+    block = sum(p.numel() for p in decoder_layers(model)[0].parameters())
+    assert model.num_parameters() - shared.num_parameters() == 2 * block
+
+
+def test_mix_meets_kv_budgets_exactly_along_one_greedy_path():
+    model = tiny_model("llama", num_layers=6)
+    config = MixConfig(kv_saving=0.5, **SMALL)
+    plans = plan_mix_curve(model, config, [2, 4, 6], progress=False)  # in half-layers of the KV cache (2L = 12)
+    for plan, units in zip(plans, (2, 4, 6)):
+        assert 2 * len(plan.drop) + len(plan.donors) == units
+        assert not set(plan.donors.values()) & set(plan.drop)  # receivers never reuse a dropped layer
+        shared = attnshare.apply(tiny_model("llama", num_layers=6), plan)
+        assert kv_bytes_per_token(shared) == pytest.approx(kv_bytes_per_token(model) * (12 - units) / 12)
+
+
+def test_mix_parameter_budget_is_met():
+    model = tiny_model("qwen2", num_layers=6)
+    target = 2 * qk_parameters(model, 1) / model.num_parameters()
+    plan = attnshare.get_method("mix").make_plan(model, MixConfig(param_saving=target, **SMALL))
+    shared = attnshare.apply(tiny_model("qwen2", num_layers=6), plan)
+    assert model.num_parameters() - shared.num_parameters() >= 2 * qk_parameters(model, 1)
+
+
+@pytest.mark.parametrize("plans, message", [
+    ([MixPlan(drop=[1], donors={2: 1})], "which the mix plan drops"),
+    ([MixPlan(drop=[2], donors={2: 1})], "both dropped and an SA receiver"),
+    ([DropPlan(layers=[1]), SAPlan(donors={2: 1})], "computes no attention"),
+    ([SAPlan(donors={2: 1}), DropPlan(layers=[1])], "already changed or reused"),
+    ([DropPlan(layers=[1, 1])], "twice"),
+    ([DropPlan(layers=[9])], "out of range"),
+])
+def test_bad_removal_plans_are_refused(plans, message):
+    model = tiny_model("llama")
+    with pytest.raises(AttnshareError, match=message):
+        attnshare.apply(model, plans)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"budget": 1, "kv_saving": 0.2}, "not --budget and --kv-saving"),
+    ({"layers": [1, 1]}, "twice"),
+    ({"kv_saving": 1.5}, "must lie in"),
+    ({"calib_text": "britannica"}, "evaluation text"),
+])
+def test_bad_removal_configs_are_refused(kwargs, message):
+    with pytest.raises(AttnshareError, match=message):
+        DropConfig(**kwargs)
+
+
+def test_compare_cli_writes_equal_savings_tables_and_plots(tiny_folder, tmp_path, capsys):  # noqa: F811
+    folder, text = tiny_folder
+    out = tmp_path / "cmp"
+    argv = ["compare", "--model", str(folder), "--kv-saving", "0.25", "--param-saving", "0.05",
+            "--methods", "sa", "mix", "drop", "layerdrop", "--texts", str(text), "--window", "64",
+            "--max-tokens", "256", "--calib-tokens", "64", "--calib-seq-len", "32", "--heldout-tokens", "32",
+            "--out", str(out)]
+    assert main(argv) == 0
+    data = json.loads((out / "compare.json").read_text())
+    kv = {r["method"]: r for r in data["rows"] if r["kind"] == "kv"}
+    assert set(kv) == {"sa", "mix", "drop", "layerdrop"}
+    for row in kv.values():  # L = 4: 25% of the KV cache is 2 half-layers = 1 removed layer = 2 SA receivers
+        assert row["kv_saved"] == pytest.approx(0.25)
+    (same,) = [r for r in data["rows"] if r["kind"] == "same layers"]
+    receivers = re.findall(r"(\d+)<-", kv["sa"]["plan"])
+    assert same["plan"] == f"drop: attention of {len(receivers)} layers ({', '.join(receivers)})"
+    md = (out / "compare.md").read_text()
+    assert "At equal KV cache saved" in md and "At equal parameters saved" in md and "(baseline)" in md
+    assert (out / "pareto-kv.png").stat().st_size > 0 and (out / "pareto-params.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("method", ["drop", "layerdrop"])
+def test_sweep_cli_runs_the_baselines(method, tiny_folder, tmp_path):  # noqa: F811
+    folder, text = tiny_folder
+    out = tmp_path / "sweep.json"
+    argv = ["sweep", "--model", str(folder), "--method", method, "--vary", "budget", "--values", "1", "2",
+            "--calib-tokens", "64", "--calib-seq-len", "32", "--heldout-tokens", "32",
+            "--text", str(text), "--window", "64", "--max-tokens", "256", "--json", str(out)]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["kv_saved"] for r in rows] == pytest.approx([1 / 4, 2 / 4])  # each removed layer: 1/L, L = 4
