@@ -140,3 +140,22 @@ def test_sweep_cli_runs_the_baselines(method, tiny_folder, tmp_path):  # noqa: F
     assert main(argv) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["kv_saved"] for r in rows] == pytest.approx([1 / 4, 2 / 4])  # each removed layer: 1/L, L = 4
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_probe_replays_the_unchanged_prefix_exactly(arch):
+    """A measurement that replays the base's activations below a plan equals one that recomputes them."""
+    from attnshare.analysis.sensitivity import Probe, plan_divergence
+    from attnshare.methods.sa.plan import nearest_donors
+
+    model = tiny_model(arch, num_layers=6)
+    probe = Probe(model, tokens=64, seq_len=32, heldout=64)  # 2 held-out blocks
+    geo = attnshare.arch.geometry(model)
+    plans = [SAPlan(donors=nearest_donors([4, 5], geo)), DropPlan(layers=[3]), MixPlan(drop=[3], donors={5: 1})]
+    for plan in plans:
+        replayed = probe.measure(plan)
+        recomputed = plan_divergence(model, plan, probe.heldout, probe.reference)
+        assert replayed.kl == pytest.approx(recomputed.kl, rel=1e-5, abs=1e-7)
+        assert replayed.ppl == pytest.approx(recomputed.ppl, rel=1e-6)
+        assert replayed.kl > 0
+    assert attnshare.sharing.state.state_of(model) is None  # the model ends as the base

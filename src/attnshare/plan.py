@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 from .arch import Geometry
 from .errors import AttnshareError
 
+UNCHANGED = 1 << 30  # first_changed_layer of a plan that changes nothing
+
 
 @dataclass
 class Plan:
@@ -32,6 +34,11 @@ class Plan:
 
     def summary(self) -> str:
         return self.method
+
+    def first_changed_layer(self) -> int:
+        """The lowest decoder layer this plan changes or reads from (0 unless a plan knows better): below it the
+        shared model computes exactly what the base computes, so measurements may reuse the base's activations."""
+        return 0
 
 
 def int_keys(mapping: dict) -> dict[int, Any]:

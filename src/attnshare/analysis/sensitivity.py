@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -15,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..arch import geometry
+from ..arch import decoder_layers, geometry
 from ..errors import AttnshareError
-from ..plan import Plan
+from ..hf_compat import decoder_layer_output
+from ..plan import UNCHANGED, Plan
 from ..sharing.apply import apply, unapply
 from .collect import calibration_blocks, check_base_model, model_tokenizer
 
@@ -55,13 +57,82 @@ def divergence(model: nn.Module, blocks: torch.Tensor, reference: list[torch.Ten
     return Divergence(kl / count, math.exp(nll / count))
 
 
-def plan_divergence(model: nn.Module, plan: Plan | list[Plan], blocks: torch.Tensor, reference: list[torch.Tensor]) -> Divergence:
-    """Apply ``plan`` to the (base) ``model``, measure :func:`divergence`, and undo it (the model ends unchanged)."""
-    apply(model, plan, keep_originals=True)
+def plan_divergence(model: nn.Module, plan: Plan | list[Plan], blocks: torch.Tensor, reference: list[torch.Tensor],
+                    prefix: list[torch.Tensor] | None = None) -> Divergence:
+    """Apply ``plan`` to the (base) ``model``, measure :func:`divergence`, and undo it (the model ends unchanged).
+
+    ``prefix[l]`` (N,T,D), the base model's input to decoder layer l on ``blocks``, lets the layers below the plan's
+    first changed layer be replayed instead of recomputed (they compute exactly what the base computes).
+    """
+    plans = plan if isinstance(plan, list) else [plan]
+    first = min((p.first_changed_layer() for p in plans), default=UNCHANGED)
+    apply(model, plans, keep_originals=True)
     try:
-        return divergence(model, blocks, reference)
+        with replayed_prefix(model, prefix, first):
+            return divergence(model, blocks, reference)
     finally:
         unapply(model)
+
+
+class Passthrough(nn.Module):
+    """A decoder layer not recomputed: hidden states (B,T,D) pass through unchanged."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        return decoder_layer_output(hidden_states)
+
+
+class Replay(nn.Module):
+    """The last replayed layer: returns the recorded input of the next layer, one block (1,T,D) per call in order."""
+
+    def __init__(self, inputs: torch.Tensor) -> None:
+        super().__init__()
+        self.inputs, self.calls = inputs, 0  # (N,T,D)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        out = self.inputs[self.calls % len(self.inputs)][None].to(hidden_states)  # (1,T,D)
+        self.calls += 1
+        return decoder_layer_output(out)
+
+
+@contextmanager
+def replayed_prefix(model: nn.Module, prefix: list[torch.Tensor] | None, first: int):
+    """Within the block, decoder layers 0..first-1 are replaced by a replay of the base's recorded activations."""
+    layers = decoder_layers(model)
+    first = min(first, len(layers) - 1)
+    if prefix is None or first < 1:
+        yield
+        return
+    originals = [layers[i] for i in range(first)]
+    for i in range(first - 1):
+        layers[i] = Passthrough()
+    layers[first - 1] = Replay(prefix[first])
+    try:
+        yield
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+
+
+def layer_inputs(model: nn.Module, blocks: torch.Tensor) -> list[torch.Tensor]:
+    """The base model's input to every decoder layer on ``blocks`` (N,T): L tensors (N,T,D), kept on the CPU."""
+    layers = decoder_layers(model)
+    seen: list[list[torch.Tensor]] = [[] for _ in layers]
+
+    def record(index: int):
+        def hook(module, args, kwargs):
+            seen[index].append((args[0] if args else kwargs["hidden_states"]).detach().cpu())  # (1,T,D)
+        return hook
+
+    handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    device = next(model.parameters()).device
+    try:
+        with torch.inference_mode():
+            for ids in blocks:
+                model(ids[None].to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [torch.cat(inputs) for inputs in seen]
 
 
 class Probe:
@@ -79,12 +150,13 @@ class Probe:
         self.heldout = calibration_blocks(model, text, heldout, min(seq_len, heldout), offset=tokens,
                                           tokenizer=self.tokenizer)  # (N, T)
         self.reference = forward_logprobs(model, self.heldout)
+        self.prefix = layer_inputs(model, self.heldout)  # L x (N,T,D): layers below a plan are replayed
         self.measured = 0
 
     def measure(self, plans: Plan | list[Plan]) -> Divergence:
         """KL from the base and ppl of the model with ``plans`` applied (the model ends unchanged)."""
         self.measured += 1
-        return plan_divergence(self.model, plans, self.heldout, self.reference)
+        return plan_divergence(self.model, plans, self.heldout, self.reference, self.prefix)
 
 
 @dataclass

@@ -7,7 +7,7 @@ from typing import Any
 
 from ...arch import Geometry
 from ...errors import AttnshareError
-from ...plan import Plan, check_layer
+from ...plan import UNCHANGED, Plan, check_layer
 
 
 @dataclass
@@ -21,6 +21,9 @@ class DropPlan(Plan):
             check_layer(layer, geo, "dropped")
         if len(set(self.layers)) != len(self.layers):
             raise AttnshareError("The drop plan lists a layer twice; list each dropped layer once.")
+
+    def first_changed_layer(self) -> int:
+        return min(self.layers, default=UNCHANGED)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "layers": sorted(self.layers)}

@@ -35,6 +35,9 @@ class MixPlan(Plan):
             raise AttnshareError(f"SA receiver {lost[0]} reuses layer {self.donors[lost[0]]}, which the mix plan drops; "
                                  "pick a donor that keeps its attention.")
 
+    def first_changed_layer(self) -> int:
+        return min(part.first_changed_layer() for part in self.parts())
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "drop": sorted(self.drop),
                 "donors": {str(r): d for r, d in sorted(self.donors.items())},

@@ -7,7 +7,7 @@ from typing import Any
 
 from ...arch import Geometry
 from ...errors import AttnshareError
-from ...plan import Plan, check_layer, int_keys
+from ...plan import UNCHANGED, Plan, check_layer, int_keys
 
 
 @dataclass
@@ -43,6 +43,9 @@ class SAPlan(Plan):
                 raise AttnshareError(
                     f"The head map of layer {receiver} must list {geo.num_heads} donor heads in 0..{geo.num_heads - 1}."
                 )
+
+    def first_changed_layer(self) -> int:
+        return min(self.donors.values(), default=UNCHANGED)
 
     @property
     def receivers(self) -> list[int]:
