@@ -10,7 +10,9 @@ import json
 import re
 
 import pytest
+import torch
 from conftest import tiny_model
+from helpers import logits, random_ids
 from test_cli import tiny_folder  # noqa: F401  (fixture)
 
 import attnshare
@@ -19,11 +21,12 @@ from attnshare.cli import main
 from attnshare.errors import AttnshareError
 from attnshare.methods.drop import DropConfig, DropPlan
 from attnshare.methods.drop.planner import block_influence
-from attnshare.methods.layerdrop import LayerDropConfig
+from attnshare.methods.layerdrop import LayerDropConfig, LayerDropPlan
 from attnshare.methods.mix import MixConfig, MixPlan
 from attnshare.methods.mix.planner import plan_mix_curve
 from attnshare.methods.sa import SAPlan
 from attnshare.report.variants import kv_bytes_per_token
+from attnshare.training import TrainConfig, train_shared
 
 SMALL = {"calib_tokens": 64, "calib_seq_len": 32, "heldout_tokens": 32, "shortlist": 0}
 
@@ -159,3 +162,28 @@ def test_probe_replays_the_unchanged_prefix_exactly(arch):
         assert replayed.ppl == pytest.approx(recomputed.ppl, rel=1e-6)
         assert replayed.kl > 0
     assert attnshare.sharing.state.state_of(model) is None  # the model ends as the base
+
+
+@pytest.mark.parametrize("plan", [DropPlan(layers=[1, 2]), LayerDropPlan(layers=[2])], ids=["drop", "layerdrop"])
+def test_healing_trains_only_what_the_baseline_declares(plan):
+    """drop heals what is left of its layers (MLP, norms); layerdrop the first kept block after a removed one."""
+    teacher = tiny_model("llama", seed=1)
+    model = attnshare.apply(tiny_model("llama"), plan)
+    trainable = {n for n, _ in attnshare.get_method(plan.method).trainable_parameters(model, plan)}
+    expected = ("model.layers.1.", "model.layers.2.") if plan.method == "drop" else ("model.layers.3.",)
+    assert trainable and all(n.startswith(expected) for n in trainable)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    data = random_ids(1, 16 * 8, seed=3).view(-1)
+    ids = data.view(8, 16)
+
+    def kl() -> float:
+        s, t = logits(model, ids).log_softmax(-1), logits(teacher, ids).log_softmax(-1)
+        return torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean").item()
+
+    kl_before = kl()
+    train_shared(model, None, TrainConfig(seq_len=16, batch_size=4, max_steps=30, lr=3e-3, progress=False),
+                 teacher=teacher, data=data)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= trainable  # a dropped layer's input norm fed only its attention: no gradient
+    assert all(any(n.startswith(f"{prefix}mlp.") for n in changed) for prefix in expected)
+    assert kl() < kl_before

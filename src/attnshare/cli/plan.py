@@ -16,7 +16,9 @@ BUDGET_HELP = (
     "save, each receiver saving 1/(2L)); "
     "lisa = fraction of layers that become LiSA layers, in (0, 1) (layer 0 always stays standard); "
     "directshare = sharing ratio, the fraction of attention units (heads, or KV groups under GQA) replaced by their "
-    "best earlier match, in [0, 1)"
+    "best earlier match, in [0, 1); "
+    "drop / layerdrop (baselines) = number of layers whose attention / whole block is removed, 1..L-1 (or "
+    "--kv-saving F, --param-saving F); mix takes --kv-saving F or --param-saving F"
 )
 BUDGET_FIELDS = ("budget", "fraction", "ratio")  # config field that receives --budget, first one present
 
@@ -35,6 +37,8 @@ def add_parser(sub, name: str) -> None:
         "  attnshare plan --method sa --kv-saving 0.1 --out plans/sa-kv10.json\n"
         "  attnshare plan --method lisa --budget 0.6 --out plans/lisa60.json\n"
         "  attnshare plan --method directshare --budget 0.3 --out plans/ds30.json\n"
+        "  attnshare plan --method drop --kv-saving 0.13 --out plans/drop13.json        # baseline\n"
+        "  attnshare plan --method mix --kv-saving 0.13 --out plans/mix13.json\n"
         "  attnshare plan --plan plans/sa4.json --model smollm2-135m      # check a plan against a model",
     )
     add_model_args(p)
