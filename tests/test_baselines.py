@@ -187,3 +187,16 @@ def test_healing_trains_only_what_the_baseline_declares(plan):
     assert changed and changed <= trainable  # a dropped layer's input norm fed only its attention: no gradient
     assert all(any(n.startswith(f"{prefix}mlp.") for n in changed) for prefix in expected)
     assert kl() < kl_before
+
+
+def test_lazy_greedy_is_exact_when_wide_and_still_nested_when_narrow():
+    model = tiny_model("llama", num_layers=6)
+    drop = attnshare.get_method("drop")
+
+    def curve(width: int) -> list[list[int]]:
+        configs = [DropConfig(budget=b, greedy_width=width, **SMALL) for b in (1, 2, 3, 4)]
+        return [p.layers for p in drop.make_plans(model, configs)]
+
+    assert curve(100) == curve(0)
+    narrow = curve(1)
+    assert all(set(a) <= set(b) for a, b in zip(narrow, narrow[1:])) and [len(x) for x in narrow] == [1, 2, 3, 4]

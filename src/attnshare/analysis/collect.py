@@ -143,8 +143,11 @@ class CalibrationConfig:
     shortlist: int = field(
         default=0, metadata={"help": "candidates kept for greedy selection after single measurement (0: budget + 8)"}
     )
+    greedy_width: int = field(
+        default=0, metadata={"help": "options a greedy step measures: the best so far (lazy greedy; 0: all of them)"}
+    )
 
     def __post_init__(self) -> None:
         check_calibration_text(self.calib_text)
-        if self.calib_tokens < 2 or self.heldout_tokens < 2 or self.calib_seq_len < 2 or self.shortlist < 0:
+        if self.calib_tokens < 2 or self.heldout_tokens < 2 or self.calib_seq_len < 2 or self.shortlist < 0 or self.greedy_width < 0:
             raise AttnshareError("Calibration and held-out token counts and the sequence length must be at least 2.")

@@ -168,12 +168,14 @@ class Step:
 
 
 def greedy_select(measure: Callable[[list], Divergence], candidates: list, count: int, *,
-                  valid: Callable[[list], list] | None = None, shortlist: int = 0, progress: bool = False,
-                  desc: str = "greedy selection") -> list[Step]:
+                  valid: Callable[[list], list] | None = None, shortlist: int = 0, width: int = 0,
+                  progress: bool = False, desc: str = "greedy selection") -> list[Step]:
     """Greedy forward selection of ``count`` items, by the measured divergence of the whole plan.
 
     Every candidate is first measured alone; the ``shortlist`` best (0: count + 8) stay in the running; then items
     are added one at a time, each time the one whose addition gives the smallest KL (ties: the smallest item).
+    With ``width`` > 0 a step measures only the ``width`` options that did best last time they were measured (lazy
+    greedy: far fewer measurements, the same choice whenever the options' order does not change much).
     ``valid(chosen)`` lists the items that may join ``chosen`` (default: any not chosen). Returns one
     :class:`Step` per size 1..count, so the selections for smaller counts are prefixes of the largest one.
     """
@@ -181,16 +183,18 @@ def greedy_select(measure: Callable[[list], Divergence], candidates: list, count
     single = {c: measure([c]) for c in tqdm(candidates, desc=f"{desc}: single", unit="candidate",
                                              disable=not progress, leave=False)}
     keep = sorted(candidates, key=lambda c: (single[c].kl, c))[:max(shortlist or count + 8, count)]
+    last = {c: single[c].kl for c in keep}  # each option's KL when it was last measured
     best = keep[0]
     steps = [Step([best], single[best])]
     bar = tqdm(total=count - 1, desc=desc, unit="step", disable=not progress or count < 2, leave=False)
     while len(steps) < count:
         chosen = steps[-1].chosen
-        options = [c for c in valid(chosen) if c in keep]
+        options = sorted((c for c in valid(chosen) if c in keep), key=lambda c: (last[c], c))
         if not options:
             raise AttnshareError(f"No valid choice is left after {chosen}; ask for a smaller budget.")
-        trials = {c: measure([*chosen, c]) for c in options}
-        best = min(options, key=lambda c: (trials[c].kl, c))
+        trials = {c: measure([*chosen, c]) for c in (options[:width] if width else options)}
+        last.update({c: d.kl for c, d in trials.items()})
+        best = min(trials, key=lambda c: (trials[c].kl, c))
         steps.append(Step([*chosen, best], trials[best]))
         bar.update()
     bar.close()

@@ -57,6 +57,7 @@ class CompareConfig:
     calib_tokens: int = field(default=1024, metadata={"help": "planners: calibration tokens (plays)"})
     calib_seq_len: int = field(default=512, metadata={"help": "planners: calibration sequence length"})
     heldout_tokens: int = field(default=512, metadata={"help": "planners: held-out calibration tokens for KL"})
+    greedy_width: int = field(default=6, metadata={"help": "planners: options each greedy step measures (0: all)"})
 
     def __post_init__(self) -> None:
         targets = [f for f in self.kv_saving + self.param_saving if f]
@@ -69,7 +70,7 @@ class CompareConfig:
 
     def planner_settings(self) -> dict[str, int]:
         return {"calib_tokens": self.calib_tokens, "calib_seq_len": self.calib_seq_len,
-                "heldout_tokens": self.heldout_tokens}
+                "heldout_tokens": self.heldout_tokens, "greedy_width": self.greedy_width}
 
     def ppl_configs(self) -> list[PerplexityConfig]:
         return [PerplexityConfig(text=t, window=self.window, max_tokens=self.max_tokens) for t in self.texts]

@@ -96,7 +96,7 @@ def plan_removal_curve(model: nn.Module, config: RemovalConfig, counts: list[int
     probe = Probe(model, text=config.calib_text, tokens=config.calib_tokens, seq_len=config.calib_seq_len,
                   heldout=config.heldout_tokens, progress=progress)
     steps = greedy_select(lambda layers: probe.measure(make(sorted(layers))), list(range(num_layers)), top,
-                          shortlist=config.shortlist, progress=progress, desc=f"{make([]).method} greedy selection")
+                          shortlist=config.shortlist, width=config.greedy_width, progress=progress, desc=f"{make([]).method} greedy selection")
     for n in counts:
         log.info("%s (KL %.4f, held-out ppl %.3f)", make(sorted(steps[n - 1].chosen)).summary(),
                  steps[n - 1].score.kl, steps[n - 1].score.ppl)

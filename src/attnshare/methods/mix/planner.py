@@ -81,24 +81,30 @@ def plan_mix_curve(model: nn.Module, config: MixConfig, targets: list[float], *,
     layers = {a: sorted(candidates[a], key=lambda layer: (single[(layer, a)].kl, layer))[:keep] for a in ACTIONS}
     assign: Assignment = {}
     kl, plans = 0.0, []
+    last = {move: single[move].kl / gain(*move) for move in single}  # KL per unit when last measured (lazy greedy)
+
+    def added(layer: int, action: str) -> float:  # saving a move adds to the current assignment
+        return gain(layer, action) - (gain(layer, "sa") if assign.get(layer) == "sa" else 0)
+
     bar = tqdm(total=len(targets), desc="mix greedy selection", unit="budget", disable=not progress, leave=False)
     for target in sorted(targets):
         while saving(assign) < target - 1e-9:
             options = moves(assign, layers)
-            room = target - saving(assign)
-            fitting = [(layer, a) for layer, a in options
-                       if gain(layer, a) - (gain(layer, "sa") if assign.get(layer) == "sa" else 0) <= room + 1e-9]
+            fitting = [m for m in options if added(*m) <= target - saving(assign) + 1e-9] or options
+            fitting.sort(key=lambda m: (last[m], m))
             trials = {}
-            for layer, a in fitting or options:
-                plan = make({**assign, layer: a})
+            for move in fitting:
+                if config.greedy_width and len(trials) >= config.greedy_width:
+                    break
+                plan = make({**assign, move[0]: move[1]})
                 if plan is not None:
-                    trials[(layer, a)] = (probe.measure(plan), gain(layer, a) - (gain(layer, "sa") if
-                                                                                assign.get(layer) == "sa" else 0))
+                    trials[move] = probe.measure(plan)
+                    last[move] = (trials[move].kl - kl) / added(*move)
             if not trials:
                 raise AttnshareError(f"mix found no valid move after {assign}; ask for a smaller saving.")
-            move = min(trials, key=lambda m: ((trials[m][0].kl - kl) / trials[m][1], m))
+            move = min(trials, key=lambda m: (last[m], m))
             assign[move[0]] = move[1]
-            kl = trials[move][0].kl
+            kl = trials[move].kl
         plans.append(make(assign))
         log.info("%s (KL %.4f)", plans[-1].summary(), kl)
         bar.update()

@@ -119,7 +119,7 @@ def plan_sa_curve(model: nn.Module, config: SAConfig, budgets: list[int], *,
     if aligned:  # every single-layer head map in one calibration pass
         probe.head_maps({r: d for r in candidates for d in nearest_donors([r], geo).values()})
     steps = greedy_select(lambda receivers: probe.measure(probe.sa_plan(receivers, aligned)), candidates, top,
-                          valid=probe.valid_receivers, shortlist=config.shortlist, progress=progress,
+                          valid=probe.valid_receivers, shortlist=config.shortlist, width=config.greedy_width, progress=progress,
                           desc="SA greedy selection")
     plans = {}
     for budget in budgets:
