@@ -36,11 +36,13 @@ def check_model_args(args) -> None:
     """``--model`` names something loadable and ``--num-layers`` fits it (cheap checks before the slow load)."""
     from ..api import is_artifact, read_artifact
     from ..errors import AttnshareError
-    from ..models.loading import EMBEDDED
+    from ..models.gguf_file import check_gguf, find_gguf
+    from ..models.loading import EMBEDDED, base_available, unknown_model
 
     name, num_layers = args.model, args.num_layers
     if not name or not name.strip():
-        raise AttnshareError("--model is empty; give an embedded name (smollm2-135m), a model folder or an artifact.")
+        raise AttnshareError("--model is empty; give an embedded name (smollm2-135m), a model folder, a .gguf file "
+                             "or an artifact.")
     if num_layers is not None and num_layers < 1:
         raise AttnshareError(f"--num-layers must be at least 1, got {num_layers}.")
     path = Path(name)
@@ -49,20 +51,30 @@ def check_model_args(args) -> None:
             raise AttnshareError(
                 f"'{name}' is an attnshare artifact, which keeps its base model's layers; drop --num-layers."
             )
-        base = str(read_artifact(path)["base"].get("base_model") or "")
-        if _num_layers(base) is None and not Path(base).exists() and base not in EMBEDDED:
+        identity = read_artifact(path)["base"]
+        base = str(identity.get("base_model") or "")
+        if _num_layers(base) is None and not base_available(identity):
             raise AttnshareError(
                 f"The artifact '{name}' was made on base model '{base}', which is not here; put that model back "
-                "(a local folder or the local HF cache) to load the artifact."
+                "(a local folder, a .gguf file or the local HF cache) to load the artifact."
+            )
+        return
+    gguf = find_gguf(path)  # a .gguf file, or a folder holding one (several: refused here)
+    if gguf is not None:
+        total = check_gguf(gguf).num_layers  # magic, version, truncation, architecture, tokenizer: header only
+        if num_layers is not None and total is not None and num_layers > total:
+            raise AttnshareError(
+                f"--num-layers {num_layers} is more than the {total} layers of model '{name}'; give 1..{total}."
             )
         return
     if path.is_file():
-        raise AttnshareError(f"--model '{name}' is a file; give a model folder (with config.json), an embedded name "
-                             "or an attnshare artifact folder.")
+        raise AttnshareError(f"--model '{name}' is a file; give a model folder (with config.json), a .gguf file, an "
+                             "embedded name or an attnshare artifact folder.")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise AttnshareError(f"The folder '{name}' has no config.json, so it is neither a model nor an attnshare "
-                                 "artifact; give a folder written by save_pretrained or `attnshare apply --out`.")
+                                 "artifact; give a folder written by save_pretrained or `attnshare apply --out`, "
+                                 "or a .gguf file.")
         try:
             json.loads((path / "config.json").read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -76,10 +88,7 @@ def check_model_args(args) -> None:
                                  "(tokenizer.save_pretrained).")
     total = _num_layers(name)
     if total is None and not path.exists() and name not in EMBEDDED:  # load_model's answer, before any output
-        raise AttnshareError(
-            f"Unknown model '{name}': use an embedded name ({', '.join(EMBEDDED)}), a local folder, "
-            "or a Hugging Face id already in the local cache (fetch it first with `hf download ID`)."
-        )
+        raise AttnshareError(unknown_model(name))
     if num_layers is not None and total is not None and num_layers > total:
         raise AttnshareError(
             f"--num-layers {num_layers} is more than the {total} layers of model '{name}'; give 1..{total}."
@@ -87,7 +96,19 @@ def check_model_args(args) -> None:
 
 
 def _num_layers(name: str) -> int | None:
-    """The decoder layer count of a loadable model, or None if its config cannot be read (load_model says why)."""
+    """The decoder layer count of a loadable model, or None if its config cannot be read (load_model says why).
+
+    A GGUF file's count comes from its header (nothing is converted here); a GGUF file that is gone answers from
+    the conversion once made from it."""
+    from ..errors import AttnshareError
+    from ..models.gguf_file import find_gguf, read_header
+
+    try:
+        gguf = find_gguf(name)
+        if gguf is not None:
+            return read_header(gguf).num_layers
+    except AttnshareError:
+        return None
     try:
         from transformers import AutoConfig
 

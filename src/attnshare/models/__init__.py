@@ -1,4 +1,4 @@
-"""Model loading: embedded models (converted once and cached) and any Hugging Face id or local folder."""
+"""Model loading: embedded models and GGUF files (converted once and cached), any Hugging Face id or local folder."""
 
 from .loading import EMBEDDED, EmbeddedModel, load_model, model_identity
 

@@ -1,20 +1,28 @@
-"""Load a causal LM and its tokenizer by embedded name, local folder or Hugging Face id."""
+"""Load a causal LM and its tokenizer by embedded name, GGUF file, local folder or Hugging Face id."""
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..arch import arch_of
 from ..errors import AttnshareError
 from ..hf_compat import warn_if_untested
-from ..paths import cache_dir, write_folder
+from .gguf_file import (
+    GGUF_SUFFIX,
+    SOURCE_JSON,
+    cached_conversion,
+    cached_conversion_of,
+    find_gguf,
+    gguf_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,33 +62,47 @@ def _gguf_folder(spec: EmbeddedModel) -> Path:
 
 
 def embedded_path(name: str) -> Path:
-    """Folder of the cached plain-HF copy of an embedded model, converting it from GGUF on first use."""
+    """Folder of the cached plain-HF copy of an embedded model, converting its GGUF on first use (the same
+    conversion as any GGUF file: :func:`attnshare.models.gguf_file.gguf_checkpoint`)."""
     spec = EMBEDDED[name]
-    target = cache_dir() / "models" / name
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    folder = _gguf_folder(spec)
-    log.info("Converting %s from GGUF into %s (once)", spec.gguf_file, target)
-
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=spec.gguf_file)
-    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.gguf_file, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(folder, gguf_file=spec.gguf_file)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(quantized.state_dict())
-    plain.generation_config = quantized.generation_config
-
-    def write(tmp: Path) -> None:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-
-    return write_folder(target, write)
+    return gguf_checkpoint(_gguf_folder(spec) / spec.gguf_file)[0]
 
 
 def resolve(name_or_path: str) -> str:
-    """An embedded name becomes its cached folder; anything else is returned unchanged."""
-    return str(embedded_path(name_or_path)) if name_or_path in EMBEDDED else name_or_path
+    """The folder to load: an embedded name or a GGUF file (or a folder holding one) becomes its cached conversion,
+    a GGUF file that is gone the conversion once made from it; anything else is returned unchanged."""
+    return str(_source(name_or_path)[0])
+
+
+def _source(name_or_path: str) -> tuple[str | Path, str | None]:
+    """``(folder or HF id to load, sha256 of the GGUF it was converted from or None)``."""
+    if name_or_path in EMBEDDED:
+        return embedded_path(name_or_path), None
+    gguf = find_gguf(name_or_path)
+    if gguf is not None:
+        return gguf_checkpoint(gguf)
+    if Path(name_or_path).suffix.lower() == GGUF_SUFFIX and not Path(name_or_path).exists():
+        cached = cached_conversion_of(name_or_path)
+        if cached is not None:
+            log.info("The GGUF file %s is gone; loading its cached conversion %s", name_or_path, cached)
+            return cached, _recorded_sha256(cached)
+    return name_or_path, None
+
+
+def _recorded_sha256(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / SOURCE_JSON).read_text()).get("sha256")
+    except (OSError, ValueError):
+        return None
+
+
+def base_name(name_or_path: str) -> str:
+    """How a base model is named in its identity: embedded names and HF ids as given, GGUF files by absolute path
+    (an artifact made on one then reloads it from any working directory)."""
+    if name_or_path in EMBEDDED:
+        return name_or_path
+    gguf = find_gguf(name_or_path)
+    return str(gguf.resolve()) if gguf is not None else name_or_path
 
 
 def load_model(
@@ -94,12 +116,20 @@ def load_model(
     """Load a base ``(model, tokenizer)``.
 
     Args:
-        name_or_path: an embedded name (``smollm2-135m``), a local folder, or a Hugging Face id already in the
-            local HF cache (nothing is ever downloaded). Artifacts are loaded by :func:`attnshare.api.load_model`.
+        name_or_path: an embedded name (``smollm2-135m``), a GGUF file (or a folder holding one and no config.json;
+            converted once into a cached plain checkpoint), a local folder, or a Hugging Face id already in the local
+            HF cache (nothing is ever downloaded). Artifacts are loaded by :func:`attnshare.api.load_model`.
         num_layers: keep only the first ``num_layers`` decoder layers (fast tests and experiments).
     """
     warn_if_untested()
-    source = resolve(name_or_path)
+    source, sha256 = _source(name_or_path)
+    return _load(source, name_or_path, sha256, dtype=dtype, num_layers=num_layers,
+                 attn_implementation=attn_implementation, device=device)
+
+
+def _load(source: str | Path, name_or_path: str, sha256: str | None, *, dtype, num_layers, attn_implementation,
+          device):
+    """Load ``source`` (a folder or cached HF id) and name it ``name_or_path`` in its identity."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     extra = {"num_hidden_layers": num_layers} if num_layers else {}
@@ -110,22 +140,49 @@ def load_model(
             source, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True, **extra
         )
     except (OSError, ValueError) as e:
-        if Path(name_or_path).exists() or name_or_path in EMBEDDED:
+        if Path(name_or_path).exists() or name_or_path in EMBEDDED or sha256:
             raise AttnshareError(f"Cannot load a model from '{name_or_path}' ({_first_line(e)}).") from e
-        raise AttnshareError(
-            f"Unknown model '{name_or_path}': use an embedded name ({', '.join(EMBEDDED)}), a local folder, "
-            "or a Hugging Face id already in the local cache (fetch it first with `hf download ID`)."
-        ) from e
+        raise AttnshareError(unknown_model(name_or_path)) from e
     arch_of(model)
-    model.name_or_path = name_or_path
-    model.config.attnshare_base = name_or_path
+    name = base_name(name_or_path)
+    model.name_or_path = name
+    model.config.attnshare_base = name
+    if sha256:
+        model.config.attnshare_gguf_sha256 = sha256  # recorded in the identity: the cached conversion to reload
     model.eval()
     return model.to(device), tokenizer
 
 
+def unknown_model(name: str) -> str:
+    """The sentence for a model name that is nothing loadable."""
+    return (f"Unknown model '{name}': use an embedded name ({', '.join(EMBEDDED)}), a local folder, a .gguf file, "
+            "or a Hugging Face id already in the local cache (fetch it first with `hf download ID`).")
+
+
 def load_base(identity: dict, *, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"):
-    """The base ``(model, tokenizer)`` an identity (see :func:`model_identity`) names, e.g. a teacher to distil from."""
-    return load_model(identity["base_model"], dtype=dtype, num_layers=identity.get("num_layers"), device=device)
+    """The base ``(model, tokenizer)`` an identity (see :func:`model_identity`) names, e.g. a teacher to distil from.
+
+    A base converted from a GGUF file reloads from the cached conversion of that exact content when there is one
+    (no hashing, and it works when the file is gone or has changed), else from the file.
+    """
+    base, sha256 = identity["base_model"], identity.get("gguf_sha256")
+    kw = {"dtype": dtype, "num_layers": identity.get("num_layers"), "attn_implementation": "sdpa", "device": device}
+    if sha256:
+        cached = cached_conversion(sha256, any_version=not Path(base).exists())
+        if cached is not None:
+            warn_if_untested()
+            return _load(cached, base, sha256, **kw)
+    return load_model(base, **kw)
+
+
+def base_available(identity: dict) -> bool:
+    """Whether the base an identity names can be loaded without converting anything new: the GGUF file or its cached
+    conversion, or (for other bases) whether the name exists as a path or embedded name (cheap, no model load)."""
+    base, sha256 = str(identity.get("base_model") or ""), identity.get("gguf_sha256")
+    if base in EMBEDDED or (base and Path(base).exists()):
+        return True
+    return bool(sha256 and cached_conversion(sha256, any_version=True)) or (
+        Path(base).suffix.lower() == GGUF_SUFFIX and cached_conversion_of(base) is not None)
 
 
 def _first_line(e: Exception) -> str:
@@ -147,4 +204,4 @@ def model_identity(model) -> dict:
         "model_type": config.model_type,
         "num_layers": config.num_hidden_layers,
         "fingerprint": digest,
-    }
+    } | ({"gguf_sha256": sha256} if (sha256 := getattr(config, "attnshare_gguf_sha256", None)) else {})
