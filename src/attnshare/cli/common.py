@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def add_model_args(p, default: str = "smollm2-135m") -> None:
-    p.add_argument("--model", default=default, help=f"embedded name, local folder, HF id or attnshare artifact (default: {default})")
+    p.add_argument("--model", default=default, help=f"embedded name, local folder, .gguf file, HF id or attnshare artifact (default: {default})")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
     p.add_argument("--num-layers", type=int, default=None, help="keep only the first N decoder layers (quick runs)")
 
