@@ -6,6 +6,7 @@ greedy curves, and the same-layers comparison naming exactly SA's receivers.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 
@@ -199,4 +200,4 @@ def test_lazy_greedy_is_exact_when_wide_and_still_nested_when_narrow():
 
     assert curve(100) == curve(0)
     narrow = curve(1)
-    assert all(set(a) <= set(b) for a, b in zip(narrow, narrow[1:])) and [len(x) for x in narrow] == [1, 2, 3, 4]
+    assert all(set(a) <= set(b) for a, b in itertools.pairwise(narrow)) and [len(x) for x in narrow] == [1, 2, 3, 4]
