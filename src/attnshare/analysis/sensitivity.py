@@ -120,10 +120,21 @@ def layer_inputs(model: nn.Module, blocks: torch.Tensor) -> list[torch.Tensor]:
 
     def record(index: int):
         def hook(module, args, kwargs):
-            seen[index].append((args[0] if args else kwargs["hidden_states"]).detach().cpu())  # (1,T,D)
+            seen[index].append(hidden_input(args, kwargs).detach().cpu())  # (1,T,D)
         return hook
 
-    handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    run_hooked(model, blocks, [layer.register_forward_pre_hook(record(i), with_kwargs=True)
+                               for i, layer in enumerate(layers)])
+    return [torch.cat(inputs) for inputs in seen]
+
+
+def hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states (B,T,D) a decoder layer was called with (a pre-hook's ``args``/``kwargs``)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def run_hooked(model: nn.Module, blocks: torch.Tensor, handles: list) -> None:
+    """One no-cache forward per block (N,T) for the hooks behind ``handles``, which are removed afterwards."""
     device = next(model.parameters()).device
     try:
         with torch.inference_mode():
@@ -132,7 +143,6 @@ def layer_inputs(model: nn.Module, blocks: torch.Tensor) -> list[torch.Tensor]:
     finally:
         for handle in handles:
             handle.remove()
-    return [torch.cat(inputs) for inputs in seen]
 
 
 class Probe:

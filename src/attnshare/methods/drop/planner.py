@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...analysis.collect import calibration_blocks
-from ...analysis.sensitivity import Probe, greedy_select
+from ...analysis.sensitivity import Probe, greedy_select, hidden_input, run_hooked
 from ...arch import attention, decoder_layers, geometry
 from ...errors import AttnshareError
 from ...plan import Plan
@@ -55,7 +55,7 @@ def block_influence(model: nn.Module, blocks: torch.Tensor, part: str) -> list[f
 
     def enter(index: int):
         def hook(module, args, kwargs):
-            inputs[index] = args[0] if args else kwargs["hidden_states"]  # (B,T,D)
+            inputs[index] = hidden_input(args, kwargs)  # (B,T,D)
         return hook
 
     def leave(index: int):
@@ -70,14 +70,7 @@ def block_influence(model: nn.Module, blocks: torch.Tensor, part: str) -> list[f
         handles.append(layer.register_forward_pre_hook(enter(index), with_kwargs=True))
         target = layer if part == "block" else attention(model, index)
         handles.append(target.register_forward_hook(leave(index), with_kwargs=True))
-    device = next(model.parameters()).device
-    try:
-        with torch.inference_mode():
-            for ids in blocks:
-                model(ids[None].to(device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
+    run_hooked(model, blocks, handles)
     return [total / len(blocks) for total in totals]
 
 
