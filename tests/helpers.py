@@ -90,3 +90,9 @@ def tiny_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<unk>")
+
+
+def teacher_kl(model, teacher, ids) -> float:
+    """KL(teacher || model) of next-token distributions on ids (B,T), mean over the batch."""
+    s, t = logits(model, ids).log_softmax(-1), logits(teacher, ids).log_softmax(-1)
+    return torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean").item()

@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 from conftest import tiny_model
-from helpers import logits, random_ids
+from helpers import random_ids, teacher_kl
 from test_cli import tiny_folder  # noqa: F401  (fixture)
 
 import attnshare
@@ -177,17 +177,13 @@ def test_healing_trains_only_what_the_baseline_declares(plan):
     data = random_ids(1, 16 * 8, seed=3).view(-1)
     ids = data.view(8, 16)
 
-    def kl() -> float:
-        s, t = logits(model, ids).log_softmax(-1), logits(teacher, ids).log_softmax(-1)
-        return torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean").item()
-
-    kl_before = kl()
+    kl_before = teacher_kl(model, teacher, ids)
     train_shared(model, None, TrainConfig(seq_len=16, batch_size=4, max_steps=30, lr=3e-3, progress=False),
                  teacher=teacher, data=data)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= trainable  # a dropped layer's input norm fed only its attention: no gradient
     assert all(any(n.startswith(f"{prefix}mlp.") for n in changed) for prefix in expected)
-    assert kl() < kl_before
+    assert teacher_kl(model, teacher, ids) < kl_before
 
 
 def test_lazy_greedy_is_exact_when_wide_and_still_nested_when_narrow():

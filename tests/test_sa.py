@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 from conftest import tiny_model
-from helpers import greedy_generate, greedy_no_cache, logits, random_ids
+from helpers import greedy_generate, greedy_no_cache, logits, random_ids, teacher_kl
 
 import attnshare
 from attnshare.arch import geometry
@@ -126,16 +126,12 @@ def test_healing_trains_only_receivers_and_the_artifact_keeps_them(tmp_path):
     data = random_ids(1, 16 * 8, seed=3).view(-1)
     ids = data.view(8, 16)
 
-    def kl() -> float:
-        s, t = logits(model, ids).log_softmax(-1), logits(teacher, ids).log_softmax(-1)
-        return torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean").item()
-
-    kl_before = kl()
+    kl_before = teacher_kl(model, teacher, ids)
     config = TrainConfig(seq_len=16, batch_size=4, max_steps=30, lr=3e-3, progress=False)
     train_shared(model, None, config, teacher=teacher, data=data)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(".2.self_attn." in n or ".3.self_attn." in n for n in changed)
-    assert kl() < kl_before
+    assert teacher_kl(model, teacher, ids) < kl_before
     attnshare.save(model, tmp_path / "healed")
     loaded, _ = attnshare.load(tmp_path / "healed", model=tiny_model("llama"))
     assert torch.equal(logits(loaded, ids), logits(model, ids))
