@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_checkpoint
 
 import attnshare
 from attnshare.cli import main
@@ -82,6 +83,7 @@ def write_gguf(model, path: Path, arch: str, *, tokenizer: bool = True) -> Path:
         w.add_token_merges(MERGES)
         w.add_bos_token_id(0)
         w.add_eos_token_id(0)
+        w.add_pad_token_id(1)  # not the eos: the converted tokenizer must take the file's own (5.17 dropped it)
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     for i in range(c.num_hidden_layers):
@@ -168,6 +170,7 @@ def test_gguf_converts_once_and_matches_its_source(files, arch, cache, monkeypat
     with torch.no_grad():
         torch.testing.assert_close(model(IDS).logits, files[f"{arch}_model"](IDS).logits, rtol=0, atol=1e-5)
     assert tok.convert_ids_to_tokens(tok("the heth").input_ids) == ["th", "e", "\u0120", "he", "th"]
+    assert tok.pad_token_id == 1
     from transformers import AutoTokenizer
 
     direct = AutoTokenizer.from_pretrained(files[arch].parent, gguf_file=files[arch].name)  # transformers' own reading
@@ -329,7 +332,15 @@ def test_real_gguf_path_is_the_embedded_model(real_model):
     found = importlib.util.find_spec(spec.package)
     path = Path(next(iter(found.submodule_search_locations))) / spec.gguf_file
     embedded, tok = real_model
+    assert tok.pad_token == "<|im_end|>"  # the file's tokenizer.ggml.padding_token_id (2), on every transformers
     model, _ = attnshare.load_model(str(path))  # the same file: the embedded model's own cached conversion
     ids = tok("The plays of Shakespeare were printed in quarto.", return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, embedded(ids).logits, rtol=0, atol=0)
+
+
+def test_tokenizer_without_a_pad_token_pads_with_its_eos(tmp_path):
+    """A checkpoint whose tokenizer names no pad token still takes batched prompts: its eos pads (masked anyway)."""
+    _, tok = attnshare.load_model(str(tiny_checkpoint(tmp_path / "tiny", "llama")))
+    assert tok.pad_token == tok.eos_token == "<unk>"
+    assert tok(["ab", "abcd"], padding=True, return_tensors="pt").input_ids.shape == (2, 4)

@@ -55,7 +55,7 @@ GGUF_ARCHITECTURES: dict[str, str] = {
 
 HASHES_JSON = "hashes.json"  # path|size|mtime -> sha256 of the GGUF files seen, beside the conversions
 SOURCE_JSON = "attnshare-gguf.json"  # written last into each converted folder: what it was converted from
-CONVERSION = 1  # bump when the conversion below changes what it writes (old cache folders are then ignored)
+CONVERSION = 2  # bump when the conversion below changes what it writes (old cache folders are then ignored)
 _HASH_CHUNK = 8 << 20
 _PROGRESS_BYTES = 32 << 20  # files smaller than this convert in a few seconds: no progress bar
 
@@ -407,6 +407,7 @@ def convert_gguf(path: Path, target: Path, header: GgufHeader, sha256: str) -> P
         try:
             bar.set_postfix_str("tokenizer")
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+            _set_pad_token(tokenizer, header.metadata.get("tokenizer.ggml.padding_token_id"))
             bar.update()
             bar.set_postfix_str("weights")
             loaded, info = AutoModelForCausalLM.from_pretrained(
@@ -454,6 +455,13 @@ def convert_gguf(path: Path, target: Path, header: GgufHeader, sha256: str) -> P
         write_folder(target, write)
         bar.update()
     return target
+
+
+def _set_pad_token(tokenizer, pad_id) -> None:
+    """Give ``tokenizer`` the file's own padding token: transformers 5.17 ignores ``tokenizer.ggml.padding_token_id``
+    (leaving none, so ``padding=True`` fails, or a converter's default)."""
+    if isinstance(pad_id, int) and 0 <= pad_id < len(tokenizer):
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
 
 
 def _first_line(e: Exception) -> str:

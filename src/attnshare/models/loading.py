@@ -120,6 +120,8 @@ def load_model(
             converted once into a cached plain checkpoint), a local folder, or a Hugging Face id already in the local
             HF cache (nothing is ever downloaded). Artifacts are loaded by :func:`attnshare.api.load_model`.
         num_layers: keep only the first ``num_layers`` decoder layers (fast tests and experiments).
+
+    A tokenizer without a pad token gets its end-of-sequence token as one, so batched prompts pad.
     """
     warn_if_untested()
     source, sha256 = _source(name_or_path)
@@ -144,6 +146,9 @@ def _load(source: str | Path, name_or_path: str, sha256: str | None, *, dtype, n
             raise AttnshareError(f"Cannot load a model from '{name_or_path}' ({_first_line(e)}).") from e
         raise AttnshareError(unknown_model(name_or_path)) from e
     arch_of(model)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        # batched prompts need a pad token; decoder checkpoints often name none, and padded positions are masked
+        tokenizer.pad_token = tokenizer.eos_token
     name = base_name(name_or_path)
     model.name_or_path = name
     model.config.attnshare_base = name
