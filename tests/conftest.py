@@ -7,29 +7,42 @@ import torch
 
 torch.set_num_threads(1)  # tiny models: threads only add overhead (and contention on 2 cores)
 
-ARCH_NAMES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"]
+ARCH_NAMES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "olmo2", "granite"]
+# Families with a tiny config that the whole contract cannot run on, each tested in tests/test_families.py: Gemma-2
+# has no SDPA in transformers (attnshare.load_model's default); Phi-3 fuses q/k/v, so only drop/layerdrop apply.
+OTHER_ARCHS = ["gemma2", "phi3"]
 
 
 def tiny_config(arch: str, num_layers: int = 4):
-    """A tiny config with GQA (H=4, Hkv=2); Gemma3 alternates sliding and full layers."""
-    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    """A tiny config with GQA (H=4, Hkv=2); Gemma2/3 alternate sliding and full layers.
+
+    OLMo-2 norms q and k over the whole projection width; Granite (no record in attnshare.arch: its layout is found
+    from its modules) scales scores by ``attention_multiplier`` instead of 1/sqrt(d); Gemma-2 soft-caps attention
+    logits (a small cap, so that it matters at random initialisation); Phi-3 fuses q/k/v into one ``qkv_proj``.
+    """
+    import transformers
 
     common = {
         "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": num_layers,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "tie_word_embeddings": False,
     }
-    if arch == "llama":
-        return LlamaConfig(**common)
-    if arch == "mistral":
-        return MistralConfig(**common, sliding_window=None)
-    if arch == "qwen2":
-        return Qwen2Config(**common)
-    if arch == "qwen3":
-        return Qwen3Config(**common, head_dim=16)
-    if arch == "gemma3_text":
-        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
-        return Gemma3TextConfig(**common, head_dim=16, sliding_window=8, layer_types=types, query_pre_attn_scalar=16)
-    raise KeyError(arch)
+    types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
+    tokens = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}  # defaults outside the tiny vocabulary
+    made = {
+        "llama": ("LlamaConfig", {}),
+        "mistral": ("MistralConfig", {"sliding_window": None}),
+        "qwen2": ("Qwen2Config", {}),
+        "qwen3": ("Qwen3Config", {"head_dim": 16}),
+        "gemma3_text": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 8, "layer_types": types,
+                                             "query_pre_attn_scalar": 16}),
+        "olmo2": ("Olmo2Config", tokens),
+        "granite": ("GraniteConfig", {"attention_multiplier": 0.1}),
+        "gemma2": ("Gemma2Config", {"head_dim": 16, "sliding_window": 8, "layer_types": types,
+                                    "query_pre_attn_scalar": 16, "attn_logit_softcapping": 0.05}),
+        "phi3": ("Phi3Config", tokens),
+    }
+    name, extra = made[arch]
+    return getattr(transformers, name)(**common, **extra)
 
 
 def tiny_model(arch: str, num_layers: int = 4, seed: int = 0, attn_implementation: str = "sdpa"):

@@ -142,7 +142,8 @@ CASES = [
     row("corrupt-weights", "apply --model {badweights} --method sa --receivers 2 --out {out}", 2, r"weights of model .* are corrupt"),
     row("no-tokenizer", "apply --model {notokenizer} --method sa --receivers 2 --out {out}", 2, r"has no tokenizer files"),
     row("unsupported-arch", "apply --model {gpt2} --method sa --receivers 1 --out {out}", 2,
-        r"'gpt2' is not supported; supported types are: gemma3_text, llama, mistral, qwen2, qwen3\."),
+        r"'gpt2' is not supported; supported types are: gemma2, gemma3_text, llama, mistral, olmo2, phi3, qwen2, "
+        r"qwen3, and any other decoder whose layers hold Linear q/k/v \(or fused qkv\) and o projections"),
     row("num-layers-zero", f"{SA} --receivers 2 --num-layers 0 --out {{out}}", 2, r"--num-layers must be at least 1"),
     row("num-layers-too-many", f"{SA} --receivers 2 --num-layers 9 --out {{out}}", 2, r"more than the 4 layers .* give 1\.\.4"),
     row("num-layers-on-artifact", "eval --model {art} --num-layers 2 --json {out}/e.json", 2, r"artifact.* drop --num-layers"),

@@ -58,7 +58,8 @@ IDS = random_ids(2, 24)  # logits probe
 @dataclass(frozen=True)
 class Dims:
     """What the formulas need, read off the model config (and, for facts some configs do not carry, the base
-    model's own Hugging Face modules: Qwen2's hard-wired q/k/v biases, Qwen3/Gemma3's per-head q/k norms)."""
+    model's own Hugging Face modules: Qwen2's hard-wired q/k/v biases, Qwen3/Gemma3's per-head q/k norms (d weights
+    each), OLMo-2's q/k norms over the whole projections (H*d and Hkv*d weights), Phi-3's fused qkv_proj)."""
 
     L: int  # layers
     D: int  # hidden size
@@ -69,6 +70,7 @@ class Dims:
     window: int | None  # sliding window of sliding layers
     qkv_bias: bool
     qk_norm: bool
+    qk_norm_params: int  # one layer's q_norm + k_norm weights: 2d per head-wise norm, (H + Hkv)d over projections
     block_params: int  # one decoder block's parameters (attention, MLP, norms), read off the base's modules
 
     @classmethod
@@ -76,11 +78,13 @@ class Dims:
         c = model.config
         L, H = c.num_hidden_layers, c.num_attention_heads
         attn = model.model.layers[0].self_attn
+        q = getattr(attn, "q_proj", None) or attn.qkv_proj  # Phi-3: one fused q/k/v projection
+        norms = [getattr(attn, name) for name in ("q_norm", "k_norm") if hasattr(attn, name)]
         return cls(L=L, D=c.hidden_size, H=H, Hkv=c.num_key_value_heads,
                    d=getattr(c, "head_dim", None) or c.hidden_size // H,
                    layer_types=tuple(getattr(c, "layer_types", None) or ["full_attention"] * L),
-                   window=getattr(c, "sliding_window", None), qkv_bias=attn.q_proj.bias is not None,
-                   qk_norm=hasattr(attn, "q_norm"),
+                   window=getattr(c, "sliding_window", None), qkv_bias=q.bias is not None,
+                   qk_norm=bool(norms), qk_norm_params=sum(p.numel() for n in norms for p in n.parameters()),
                    block_params=sum(p.numel() for p in model.model.layers[0].parameters()))
 
     @property
@@ -100,7 +104,7 @@ class Dims:
 
     def qk_params(self) -> int:
         """One layer's q_proj + k_proj (+ biases) + q/k norms."""
-        return (self.H + self.Hkv) * self.d * (self.D + self.qkv_bias) + self.qk_norm * 2 * self.d
+        return (self.H + self.Hkv) * self.d * (self.D + self.qkv_bias) + self.qk_norm_params
 
     def attention_params(self) -> int:
         """One standard attention module: q, k, v, o (o has no bias in any supported architecture)."""
@@ -173,7 +177,7 @@ def stored_weights_delta(dims: Dims, plans: list[Plan]) -> int:
     read_qk = {roots.get(lu, lu) for lu in all_units if lu[0] not in receivers}
     base = len(all_units) * (unit_qk + unit_v + unit_o)
     after = len(stored) * (unit_v + unit_o) + len(read_qk) * unit_qk
-    return after - base - len(receivers) * dims.qk_norm * 2 * dims.d
+    return after - base - len(receivers) * dims.qk_norm_params
 
 
 def lisa_delta(dims: Dims, plans: list[Plan]) -> int:

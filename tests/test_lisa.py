@@ -107,7 +107,8 @@ def test_blockwise_prefill_equals_whole_maps(arch, source):
     perturb(model)
     ids = random_ids(2, 19, seed=4)
     blocked, whole = blocked_and_whole(model, 4, lambda m: m(ids, use_cache=False).logits)
-    torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-5)
+    # float32 sums in another order: 1e-5 holds on most architectures, OLMo-2's projection-wide q/k norms reach 1.4e-5
+    torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=3e-5)
 
 
 def test_blockwise_prefill_after_a_cached_prefix_and_with_padding():
@@ -136,7 +137,8 @@ def test_blockwise_lisa_donor_feeds_an_sa_receiver():
     model = attnshare.apply(model, SAPlan(donors={4: 3}))
     ids = random_ids(2, 19, seed=6)
     blocked, whole = blocked_and_whole(model, 4, lambda m: m(ids, use_cache=False).logits)
-    torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=1e-5)
+    # float32 sums in another order: 1e-5 holds on most architectures, OLMo-2's projection-wide q/k norms reach 1.4e-5
+    torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=3e-5)
 
 
 def test_one_layer_formula_with_score_source():

@@ -84,13 +84,15 @@ class Publisher:
         scaling = module.scaling if scaling is None else scaling
         softcap = kwargs.get("softcap")
         needs_map = self.need_scores and torch.is_grad_enabled()  # autograd through a LiSA consumer's scores
-        if self.fused_prefill and not needs_map and q.shape[-2] > self.decode_rows:
+        # SDPA has no logit soft-capping (Gemma-2): a soft-capped donor publishes its probabilities instead
+        if self.fused_prefill and softcap is None and not needs_map and q.shape[-2] > self.decode_rows:
             out, weights = fn(module, q, k, v, mask, scaling=scaling, dropout=dropout, **kwargs)
             self.context.publish(self.layer, DonorState(q=q, k=k, mask=mask, scaling=scaling, softcap=softcap))
             return out, weights
         scores = attention_scores(q, k, mask, scaling, softcap)  # (B,H,Tq,S) float32
         probs = softmax_probs(scores, q.dtype)
-        state = DonorState(probs=probs, scores=scores if self.need_scores else None, mask=mask, scaling=scaling)
+        state = DonorState(probs=probs, scores=scores if self.need_scores else None, mask=mask, scaling=scaling,
+                           softcap=softcap)
         self.context.publish(self.layer, state)
         out, _ = eager_attention(module, q, k, v, mask, scaling, dropout, softcap, probs=probs)
         return out, None

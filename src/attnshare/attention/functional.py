@@ -59,7 +59,9 @@ def apply_mask(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         mask = mask[..., :s]
     if mask.dtype == torch.bool:
         return scores.masked_fill(~mask, float("-inf"))
-    return scores + mask.float()
+    # An additive mask (eager attention) marks masked entries with its dtype's minimum: they become -inf, as for a
+    # boolean mask, so readers of the scores (LiSA's head FFN) can tell masked entries from finite ones.
+    return (scores + mask.float()).masked_fill(mask == torch.finfo(mask.dtype).min, float("-inf"))
 
 
 def softmax_probs(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -8,7 +8,7 @@ import time
 
 from torch import nn
 
-from ...arch import arch_of, attention, geometry, set_attention
+from ...arch import REPLACE_ATTENTION, arch_of, attention, geometry, require, set_attention
 from ...attention.dispatch import Publisher, clear_hook, install, set_hook
 from ...errors import AttnshareError
 from ...sharing.apply import apply
@@ -35,6 +35,7 @@ class LiSA(SharingMethod):
     plan_cls = LiSAPlan
 
     def make_plan(self, model: nn.Module, config: LiSAConfig) -> LiSAPlan:
+        require(model, REPLACE_ATTENTION, "LiSA")
         geo = geometry(model)
         layers = sorted(config.layers) if config.layers else choose_layers(model, config.fraction)
         plan = LiSAPlan(layers=layers, rank=config.rank or default_rank(geo.head_dim), ffn_width=config.ffn_width,
@@ -59,6 +60,8 @@ class LiSA(SharingMethod):
         return {n: p for n, p in self.lisa_parameters(model, plan)}
 
     def apply(self, model: nn.Module, plan: LiSAPlan, state: SharingState, applied: Applied) -> None:
+        if plan.layers:
+            require(model, REPLACE_ATTENTION, "LiSA")  # before anything changes
         spec, geo = arch_of(model), geometry(model)
         install(model)
         identity = list(range(geo.num_heads))

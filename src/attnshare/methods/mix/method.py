@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ...arch import REPLACE_ATTENTION, require
 from ...sharing.state import Applied, SharingState
 from ..base import SharingMethod
 from ..drop.method import Drop
@@ -22,10 +23,12 @@ class Mix(SharingMethod):
         return MixConfig(**{"kv_saving" if kind == "kv" else "param_saving": fraction})
 
     def make_plan(self, model: nn.Module, config: MixConfig) -> MixPlan:
+        require(model, REPLACE_ATTENTION, "Mix (its SA receivers)")
         return plan_mix(model, config)
 
     def make_plans(self, model: nn.Module, configs: list[MixConfig]) -> list[MixPlan]:
         """Budgets of one kind (all KV or all parameters) share one greedy path."""
+        require(model, REPLACE_ATTENTION, "Mix (its SA receivers)")
         kinds = {bool(c.kv_saving) for c in configs}
         if len(configs) < 2 or len(kinds) != 1:
             return super().make_plans(model, configs)
@@ -43,5 +46,7 @@ class Mix(SharingMethod):
 
     def apply(self, model: nn.Module, plan: MixPlan, state: SharingState, applied: Applied) -> None:
         drop, sa = plan.parts()
+        if sa.donors:
+            require(model, REPLACE_ATTENTION, "Mix (its SA receivers)")  # before the drop part changes anything
         Drop().apply(model, drop, state, applied)
         SA().apply(model, sa, state, applied)

@@ -8,7 +8,7 @@ import math
 from torch import nn
 
 from ...analysis.heads import head_maps_for
-from ...arch import arch_of, attention, geometry, qk_parameters, set_attention
+from ...arch import REPLACE_ATTENTION, arch_of, attention, geometry, qk_parameters, require, set_attention
 from ...attention.dispatch import Publisher, clear_hook, install, set_hook
 from ...errors import AttnshareError
 from ...sharing.state import Applied, SharingState
@@ -26,6 +26,7 @@ class SA(SharingMethod):
     plan_cls = SAPlan
 
     def make_plan(self, model: nn.Module, config: SAConfig) -> SAPlan:
+        require(model, REPLACE_ATTENTION, "SA")
         geo = geometry(model)
         if config.receivers:
             plan = SAPlan(donors=nearest_donors(config.receivers, geo), fused_prefill=config.fused_prefill)
@@ -51,6 +52,7 @@ class SA(SharingMethod):
         """A receiver-budget sweep costs one greedy selection: the plans of smaller budgets are its prefixes."""
         if not configs:
             return []
+        require(model, REPLACE_ATTENTION, "SA")
         same = [dataclasses.replace(c, budget=0, kv_saving=0.0) for c in configs]
         config_budgets = [c.budget for c in configs if c.budget and not c.receivers]
         if config_budgets and len(config_budgets) == len(configs) and all(c == same[0] for c in same):
@@ -65,6 +67,8 @@ class SA(SharingMethod):
         return [(n, p) for n, p in model.named_parameters() if n.startswith(prefixes)]
 
     def apply(self, model: nn.Module, plan: SAPlan, state: SharingState, applied: Applied) -> None:
+        if plan.donors:
+            require(model, REPLACE_ATTENTION, "SA")  # before anything changes
         spec, geo = arch_of(model), geometry(model)
         install(model)
         for receiver, donor in sorted(plan.donors.items()):
