@@ -107,11 +107,12 @@ def test_similarity_needs_the_projections():
 # ----------------------------------------------------------------------------------------- planning and chains
 
 
-def ds_plan(model, ratio=0.5, match="qk", share_o=False):
+def ds_plan(model, ratio=0.5, match="qk", share_o=False, select="cosine"):
     from attnshare.methods import get_method
     from attnshare.methods.directshare import DirectShareConfig
 
-    return get_method("directshare").make_plan(model, DirectShareConfig(ratio=ratio, match=match, share_o=share_o))
+    return get_method("directshare").make_plan(model, DirectShareConfig(ratio=ratio, match=match, share_o=share_o,
+                                                                        select=select))
 
 
 def hand_matches(score, layer, unit) -> WeightMatches:
@@ -153,6 +154,122 @@ def test_planted_chain_on_real_weights(arch):
     plan = ds_plan(model, ratio=0.25)  # N = 2: the two planted units
     assert plan.pairs == [(1, 1, 0, 0), (2, 0, 0, 0)]
     assert plan.layers == [0, 1, 2]
+
+
+# ------------------------------------------------------------------------------------- the measured planner
+
+SMALL_LOSS = {"loss_tokens": 64}  # tiny held-out budget: the tests take seconds
+
+
+def test_loss_planner_pure_parts():
+    from attnshare.methods.directshare.loss_planner import assign_donors, cosine_order, lowest, relative_change
+
+    assert lowest({(1, 0): 0.2, (1, 1): 0.1, (2, 0): 0.1}) == [(1, 1), (2, 0), (1, 0)]  # ties to the lower unit
+    assert lowest({(1, 0): 0.2, (1, 1): 0.1}, 1) == [(1, 1)]
+    # (2,0)'s best donor (1,1) is replaced too, so it takes its next one; chains never appear
+    order = {(1, 1): [(0, 0), (0, 1)], (2, 0): [(1, 1), (1, 0), (0, 0), (0, 1)]}
+    assert assign_donors([(2, 0), (1, 1)], order) == [(1, 1, 0, 0), (2, 0, 1, 0)]
+    base = torch.ones(1, 2, 3)
+    assert relative_change(base, base) == 0.0 and relative_change(2 * base, base) == pytest.approx(1.0)
+    vectors = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.1, 1.0], [1.0, 0.0]]])  # (L=2, U=2, n=2)
+    assert cosine_order(vectors) == {(1, 0): [(0, 1), (0, 0)], (1, 1): [(0, 0), (0, 1)]}
+
+
+def test_unit_replaced_writes_the_donor_and_restores_exactly(arch):
+    from attnshare.arch import arch_of
+    from attnshare.methods.directshare.loss_planner import unit_replaced, unit_tensors
+
+    model = tiny_model(arch)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    spec, kinds = arch_of(model), ("q", "k", "v", "o")
+    with unit_replaced(model, (3, 1), (1, 0), kinds, spec):
+        for got, want in zip(unit_tensors(model, (3, 1), kinds, spec), unit_tensors(model, (1, 0), kinds, spec)):
+            assert torch.equal(got, want)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def loaded_tiny(tmp_path, arch="llama", num_layers=4):
+    from conftest import tiny_checkpoint
+
+    model, tok = attnshare.load_model(str(tiny_checkpoint(tmp_path / arch, arch, num_layers)))
+    return model, tok
+
+
+@pytest.mark.parametrize("ratio, count", [(0.125, 1), (0.25, 2), (0.5, 4), (0.75, 6)])
+def test_loss_planner_returns_a_valid_plan_of_the_requested_size(tmp_path, ratio, count):
+    from helpers import logits, random_ids
+
+    from attnshare.methods import get_method
+    from attnshare.methods.directshare import DirectShareConfig
+
+    model, _ = loaded_tiny(tmp_path)
+    ids = random_ids(1, 12)
+    ref = logits(model, ids)
+    plan = get_method("directshare").make_plan(model, DirectShareConfig(ratio=ratio, **SMALL_LOSS))
+    assert plan.select == "loss" and len(plan.pairs) == count  # N = floor(ratio * 4 layers * 2 units)
+    plan.validate(geometry(model))  # earlier roots, none of them replaced (no chains), no unit twice
+    assert all(layer >= 1 for layer, *_ in plan.pairs)
+    assert torch.equal(logits(model, ids), ref)  # planning leaves the model as it was
+    assert attnshare.api.applied_plans(model) == []
+    attnshare.apply(model, plan)
+    assert torch.isfinite(logits(model, ids)).all()
+
+
+def test_loss_planner_finds_a_planted_copy(tmp_path):
+    """A unit that is an exact copy of an earlier one costs nothing to share: the loss rule picks it and its source."""
+    from attnshare.methods import get_method
+    from attnshare.methods.directshare import DirectShareConfig
+
+    model, _ = loaded_tiny(tmp_path)
+    plant_copy(model, (3, 1), (1, 0))
+    plan = get_method("directshare").make_plan(model, DirectShareConfig(ratio=0.125, **SMALL_LOSS))
+    assert plan.pairs == [(3, 1, 1, 0)]
+
+
+def test_loss_plans_for_several_ratios_share_one_measurement(tmp_path, monkeypatch):
+    from attnshare.methods import get_method
+    from attnshare.methods.directshare import DirectShareConfig, loss_planner
+
+    model, _ = loaded_tiny(tmp_path)
+    runs = []
+    original = loss_planner.UnitCosts
+
+    def counted(*args, **kwargs):
+        runs.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loss_planner, "UnitCosts", counted)
+    method = get_method("directshare")
+    configs = [DirectShareConfig(ratio=r, **SMALL_LOSS) for r in (0.0, 0.25, 0.5)]
+    plans = method.make_plans(model, configs)
+    assert len(runs) == 1 and [len(p.pairs) for p in plans] == [0, 2, 4]
+    assert [p.pairs for p in plans] == [method.make_plan(model, c).pairs for c in configs]
+    greedy = method.make_plan(model, DirectShareConfig(ratio=0.5, greedy=2, **SMALL_LOSS))
+    assert len(greedy.pairs) == 4
+    greedy.validate(geometry(model))
+
+
+def test_cosine_option_gives_the_papers_plan(arch):
+    from attnshare.methods.directshare import DirectShareConfig, select_pairs
+
+    model = tiny_model(arch, num_layers=6)
+    for ratio in (0.25, 0.5):
+        plan = ds_plan(model, ratio=ratio, select="cosine")
+        assert plan.pairs == select_pairs(best_matches(model, "qk"), ratio) and plan.select == "cosine"
+    assert DirectShareConfig().select == "loss"
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"select": "best"}, "--select must be one of loss, cosine"),
+    ({"loss_tokens": 1}, "--loss-tokens must be a whole number of at least 2"),
+    ({"greedy": -1}, "--donor-pool and --greedy must be zero or positive"),
+    ({"calib_text": "britannica"}, "'britannica' is an evaluation text"),
+])
+def test_bad_loss_planner_settings_are_one_sentence(kw, message):
+    from attnshare.methods.directshare import DirectShareConfig
+
+    with pytest.raises(AttnshareError, match=message):
+        DirectShareConfig(**kw)
 
 
 # ------------------------------------------------------------------------------------- parity and real savings
@@ -308,7 +425,7 @@ def test_real_smollm2_parameters_drop_exactly(real_model):
     from attnshare.methods.directshare import DirectShareConfig, DirectSharePlan
 
     model, tok = real_model
-    plan = get_method("directshare").make_plan(model, DirectShareConfig(ratio=0.1))
+    plan = get_method("directshare").make_plan(model, DirectShareConfig(ratio=0.1, select="cosine"))
     assert len(plan.pairs) == 9  # floor(0.1 * 30 layers * 3 KV groups)
     ids = tok("The plays of Shakespeare were printed in folio.", return_tensors="pt").input_ids
     ref = logits(model, ids)

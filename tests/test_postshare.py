@@ -15,6 +15,7 @@ from attnshare.errors import AttnshareError
 from attnshare.methods import get_method
 from attnshare.methods.directshare import BANK
 from attnshare.methods.postshare import PostShareConfig, PostSharePlan, pair_regulariser, pair_slices
+from attnshare.sharing.state import state_of
 from attnshare.training import TrainConfig
 
 
@@ -33,6 +34,8 @@ def text(tmp_path):
 
 
 def ps_plan(model, ratio=0.25, **kw) -> PostSharePlan:
+    """A PostShare plan by the cosine rule, without the keep-the-better check unless asked (tests of training)."""
+    kw = {"select": "cosine", "guard_tokens": 0, **kw}
     return get_method("postshare").make_plan(model, PostShareConfig(ratio=ratio, **kw))
 
 
@@ -63,7 +66,7 @@ def test_regulariser_is_mean_of_unsquared_qkv_norms():
 def test_fit_pulls_pairs_together_then_shares_them(arch_name, text):
     model = tiny_model(arch_name)
     params = model.num_parameters()
-    plan = ps_plan(model, data_term="lm", reg_weight=100.0)  # N = floor(0.25 * 4 * 2) = 2
+    plan = ps_plan(model, data_term="lm", reg_weight=100.0, train_scope="attention")  # N = floor(0.25 * 4 * 2) = 2
     before = pair_distance(model, plan)
     result = attnshare.train(model, CharTokenizer(), plan, cfg(text))
     assert result.steps == 3 and "reg" in result.metrics
@@ -87,7 +90,7 @@ def test_regularised_training_shrinks_the_pair_distance(text):
     assert pair_distance(model, plan) < before - 0.05
 
 
-@pytest.mark.parametrize("scope", ["full", "attention"])
+@pytest.mark.parametrize("scope", ["full", "attention", "pairs"])
 def test_artifact_stores_only_trained_unique_weights_and_reloads(scope, text, tmp_path):
     from safetensors.torch import load_file
 
@@ -101,6 +104,9 @@ def test_artifact_stores_only_trained_unique_weights_and_reloads(scope, text, tm
     replaced = 2 * (2 * 16 + 2 * 16) * 64
     if scope == "full":
         assert saved == model.num_parameters()
+    elif scope == "pairs":  # only the bank: the paired layers' unique q/k/v slices
+        assert set(tensors) == {f"{BANK}.{k}" for k in "qkv"}
+        assert saved == sum(p.numel() for n, p in model.named_parameters() if n.startswith(BANK))
     else:
         assert saved == base_attention - replaced
         assert all("self_attn" in k or k.startswith(BANK) for k in tensors)
@@ -155,3 +161,122 @@ def test_cli_train_postshare(tmp_path, text):
 def test_bad_config_is_one_sentence(kw, message):
     with pytest.raises(AttnshareError, match=message):
         PostShareConfig(**kw)
+
+
+# ------------------------------------------------------------------------------------- keep the better weights
+
+
+def directshare_logits(arch_name: str, plan: PostSharePlan, ids) -> torch.Tensor:
+    """Logits of untrained DirectShare with ``plan``'s pairs on a fresh copy of the base model."""
+    from attnshare.methods.directshare import DirectSharePlan
+
+    fresh = tiny_model(arch_name)
+    attnshare.apply(fresh, DirectSharePlan(pairs=plan.pairs, match=plan.match, share_o=plan.share_o))
+    return logits(fresh, ids)
+
+
+def test_check_keeps_directshare_when_post_training_is_harmful(text, tmp_path):
+    from safetensors.torch import load_file
+
+    model = tiny_model("llama")
+    plan = ps_plan(model, guard_tokens=64, train_scope="full", data_term="lm")
+    result = attnshare.train(model, CharTokenizer(), plan, cfg(text, lr=50.0, max_steps=3))  # wrecks the weights
+    assert result.metrics["kept_postshare"] == 0.0
+    assert result.metrics["check_kl_postshare"] > result.metrics["check_kl_directshare"]
+    ids = random_ids(2, 10, seed=5)
+    assert torch.equal(logits(model, ids), directshare_logits("llama", plan, ids))  # exactly untrained DirectShare
+    assert state_of(model).trained == set()
+    out = attnshare.save(model, tmp_path / "art")
+    stored = load_file(out / "params.safetensors") if (out / "params.safetensors").exists() else {}
+    assert stored == {}  # nothing trained survives: the artifact is the plan on the base
+    loaded, _ = attnshare.load(out, model=tiny_model("llama"))
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
+
+
+def test_check_decides_by_the_lower_held_out_kl(text):
+    model = tiny_model("qwen2")
+    plan = ps_plan(model, guard_tokens=64, data_term="distill")
+    result = attnshare.train(model, CharTokenizer(), plan, cfg(text, lr=1e-3, max_steps=2))
+    m = result.metrics
+    assert m["kept_postshare"] == float(m["check_kl_postshare"] < m["check_kl_directshare"])
+    assert bool(state_of(model).trained) == bool(m["kept_postshare"])
+
+
+def test_post_training_skips_the_checks_tokens_of_the_calibration_text(monkeypatch):
+    from attnshare.data import load_text, tokenize_text
+    from attnshare.methods.postshare import method as ps_method
+
+    seen = {}
+    real_train = ps_method.train
+
+    def spy(*args, **kwargs):
+        seen["data"] = kwargs["data"]
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(ps_method, "train", spy)
+    model = tiny_model("llama")
+    plan = ps_plan(model, guard_tokens=32)
+    attnshare.train(model, CharTokenizer(), plan, TrainConfig(text="plays", max_tokens=256, seq_len=16, batch_size=2,
+                                                              max_steps=1, progress=False))
+    skip = ps_method.GUARD_OFFSET + 32  # the planner's and the check's tokens come first in the calibration text
+    expected = tokenize_text(CharTokenizer(), load_text("plays"), skip + 256)[skip:]
+    assert torch.equal(seen["data"], expected) and seen["data"].numel() == 256
+
+
+def test_pairs_scope_trains_only_the_paired_slices(text):
+    from attnshare.methods.directshare.method import unit_slice
+
+    model = tiny_model("qwen2")
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plan = ps_plan(model, train_scope="pairs", data_term="distill")
+    assert len(plan.pairs) == 2
+    attnshare.train(model, CharTokenizer(), plan, cfg(text, max_steps=3))
+    params = dict(model.named_parameters())
+    bank = params[f"{BANK}.q"]  # (N, r, D): unique units of the changed layers, in (layer, unit) order
+    roots = plan.roots
+    unique = [(l, u) for l in plan.layers for u in range(2) if (l, u) not in roots]
+    paired = {(l, u) for l, u, _, _ in plan.pairs} | set(roots.values())
+    for row, (layer, unit) in enumerate(unique):
+        original = unit_slice(base[f"model.layers.{layer}.self_attn.q_proj.weight"], "q", 2, unit)
+        assert torch.equal(bank[row], original) == ((layer, unit) not in paired), (layer, unit)
+    for name, p in params.items():  # everything outside the paired q/k/v slices is the base's
+        if not name.startswith(BANK) and name in base:
+            assert torch.equal(p, base[name]), name
+
+
+def test_training_ids_skip_leading_tokens(tmp_path):
+    from attnshare.methods.postshare.method import training_ids
+
+    path = tmp_path / "t.txt"
+    path.write_text("abcdefghijklmnopqrstuvwxyz", encoding="utf-8")
+    ids = training_ids(CharTokenizer(), str(path), 4, skip=3)
+    assert ids.tolist() == [ord(c) for c in "defg"]
+    assert training_ids(CharTokenizer(), str(path), None, skip=20).tolist() == [ord(c) for c in "uvwxyz"]
+
+
+def test_tied_scope_shares_first_then_trains_only_the_shared_slices(text, tmp_path):
+    from safetensors.torch import load_file
+
+    from attnshare.methods.directshare.method import bank_rows, unit_slice
+
+    model = tiny_model("qwen2")
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    plan = ps_plan(model, train_scope="tied", data_term="distill")
+    params_before = model.num_parameters()
+    result = attnshare.train(model, CharTokenizer(), plan, cfg(text, max_steps=3))
+    assert result.steps == 3 and "reg" not in result.metrics  # tied pairs share their slices: R is 0
+    assert params_before - model.num_parameters() == 2 * ((2 * 16 + 2 * 16) * 64 + 2 * 16 + 2 * 16)
+    params = dict(model.named_parameters())
+    roots = set(plan.roots.values())
+    for (layer, unit), row in bank_rows(plan, 2).items():
+        for kind in "qkv":
+            original = unit_slice(base[f"model.layers.{layer}.self_attn.{kind}_proj.weight"], kind, 2, unit)
+            assert torch.equal(params[f"{BANK}.{kind}"][row], original) == ((layer, unit) not in roots), (layer, unit)
+    for name, p in params.items():  # everything outside the shared slices is the base's
+        if not name.startswith(BANK):
+            assert torch.equal(p, base[name]), name
+    out = attnshare.save(model, tmp_path / "art")
+    assert all(k.startswith(BANK) for k in load_file(out / "params.safetensors"))
+    ids = random_ids(1, 12)
+    loaded, _ = attnshare.load(out, model=tiny_model("qwen2"))
+    assert torch.equal(logits(loaded, ids), logits(model, ids))

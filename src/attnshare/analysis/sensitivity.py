@@ -54,7 +54,7 @@ def divergence(model: nn.Module, blocks: torch.Tensor, reference: list[torch.Ten
             kl += F.kl_div(logp, ref, log_target=True, reduction="sum").item()  # Σ_t Σ_v p_ref (log p_ref - log p)
             nll += F.nll_loss(logp, ids[1:], reduction="sum").item()
             count += ids.numel() - 1
-    return Divergence(kl / count, math.exp(nll / count))
+    return Divergence(kl / count, math.exp(min(nll / count, 700.0)))  # a broken plan reads as huge, not OverflowError
 
 
 def plan_divergence(model: nn.Module, plan: Plan | list[Plan], blocks: torch.Tensor, reference: list[torch.Tensor],

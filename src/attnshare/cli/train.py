@@ -55,7 +55,8 @@ def run(args) -> int:
     out = attnshare.save(model, args.out)
     row = {"plan": plans[0].summary(), "steps": result.steps, "tokens": result.tokens,
            "minutes": result.seconds / 60, "final loss": result.losses[-1][1] if result.losses else float("nan"),
-           "params": model.num_parameters(), "params saved": params_before - model.num_parameters()}
+           "params": model.num_parameters(), "params saved": params_before - model.num_parameters(),
+           **result.metrics}  # the objective's last-step metrics and method checks (PostShare: which weights kept)
     if before is not None:
         after = attnshare.perplexity(model, tokenizer)
         row.update({"base ppl": before.ppl, "ppl": after.ppl, "ratio": after.ppl / before.ppl})

@@ -69,4 +69,4 @@ def perplexity(model, tokenizer, config: PerplexityConfig | None = None, progres
     blocks = token_blocks(ids, config.window)
     total, count = window_nll(model, blocks, config.batch_size, progress)
     nll = total / count
-    return PerplexityResult(math.exp(nll), nll, count, blocks.shape[0], config.window, config.text)
+    return PerplexityResult(math.exp(min(nll, 700.0)), nll, count, blocks.shape[0], config.window, config.text)

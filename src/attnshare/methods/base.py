@@ -40,6 +40,10 @@ class SharingMethod(ABC):
     def apply(self, model: nn.Module, plan: Plan, state: SharingState, applied: Applied) -> None:
         """Change ``model`` in place; append undo callables to ``applied.undo``."""
 
+    def settle(self, model: nn.Module, plan: Plan, state: SharingState) -> None:
+        """Called for an applied ``plan`` after a later plan changed ``model``: free what this plan stored for
+        modules that are gone (DirectShare's bank rows only SA receivers' removed q/k read). Default: nothing."""
+
     def artifact_tensors(self, model: nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
         """Tensors (by state-dict name) an artifact must store beyond the base model; default none."""
         return {}

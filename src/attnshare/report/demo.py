@@ -208,8 +208,9 @@ def _lisa_settings(lisa, cfg: DemoConfig) -> dict:
 
 def step_directshare(report: Report, model, tokenizer) -> None:
     ds = get_method("directshare")
-    for ratio in report.config.ds_ratios:
-        plan = ds.make_plan(model, ds.config_cls(ratio=ratio))
+    ratios = report.config.ds_ratios
+    plans = ds.make_plans(model, [ds.config_cls(ratio=ratio) for ratio in ratios])  # one measurement for all ratios
+    for ratio, plan in zip(ratios, plans):
         report.measure(model, tokenizer, plan, f"directshare {ratio:g}", "directshare", "qk match, no training")
         report.bench_variants.append((f"directshare {ratio:g}", [plan]))
 

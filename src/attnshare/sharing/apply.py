@@ -35,6 +35,8 @@ def apply(model: nn.Module, plans: Plan | list[Plan], *, keep_originals: bool = 
     for plan in plans:
         applied = Applied(plan)
         get_method(plan.method).apply(model, plan, state, applied)
+        for earlier in state.applied:
+            get_method(earlier.plan.method).settle(model, earlier.plan, state)
         state.applied.append(applied)
         log.info("applied %s", plan.summary())
     return model

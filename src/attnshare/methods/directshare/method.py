@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -12,8 +14,9 @@ from ...sharing.state import Applied, SharingState
 from ..base import SharingMethod
 from ..surgery import detach, reattach
 from .config import DirectShareConfig
-from .modules import ROW_KINDS, GatheredLinear, UnitBank
-from .plan import DirectSharePlan, select_pairs
+from .loss_planner import loss_pairs
+from .modules import ROW_KINDS, GatheredLinear, UnitBank, compact
+from .plan import DirectSharePlan, Pair, select_pairs
 from .planner import best_matches
 
 BANK = "attnshare_unit_bank"  # attribute of the causal LM holding the UnitBank
@@ -30,9 +33,27 @@ class DirectShare(SharingMethod):
     plan_cls = DirectSharePlan
 
     def make_plan(self, model: nn.Module, config: DirectShareConfig) -> DirectSharePlan:
-        matches = best_matches(model, config.match)
-        return self.plan_cls(pairs=select_pairs(matches, config.ratio), match=config.match, share_o=config.share_o,
-                             ratio=config.ratio)
+        return self.make_plans(model, [config])[0]
+
+    def make_plans(self, model: nn.Module, configs: list[DirectShareConfig]) -> list[DirectSharePlan]:
+        """Plans for several configs; loss-selected ones that differ only in ratio share one measurement run."""
+        pairs: list[list[Pair] | None] = [None] * len(configs)
+        groups: dict[str, list[int]] = {}
+        for i, config in enumerate(configs):
+            matches = best_matches(model, config.match)  # data-free; also refuses a model without projections
+            if config.select == "cosine":
+                pairs[i] = select_pairs(matches, config.ratio)
+            else:
+                groups.setdefault(repr(dataclasses.replace(config, ratio=0.0)), []).append(i)
+        for members in groups.values():
+            for i, found in zip(members, loss_pairs(model, [configs[i] for i in members])):
+                pairs[i] = found
+        return [self.plan_for(config, found) for config, found in zip(configs, pairs)]
+
+    def plan_for(self, config: DirectShareConfig, pairs: list[Pair]) -> DirectSharePlan:
+        """The plan of ``config`` with the chosen pairs (PostShare adds its training settings)."""
+        return self.plan_cls(pairs=pairs, match=config.match, share_o=config.share_o, ratio=config.ratio,
+                             select=config.select)
 
     def trainable_parameters(self, model: nn.Module, plan: DirectSharePlan) -> list[tuple[str, nn.Parameter]]:
         """Healing trains the bank: the unique (and therefore shared) unit slices."""
@@ -48,8 +69,7 @@ class DirectShare(SharingMethod):
         kinds = list(ROW_KINDS) + (["o"] if plan.share_o else [])
         roots = plan.roots
         weights = {(l, k): projection_weight(model, l, k, spec) for l in plan.layers for k in kinds}  # checks first
-        unique = [(l, u) for l in plan.layers for u in range(num_units) if (l, u) not in roots]
-        rows = {lu: i for i, lu in enumerate(unique)}  # unique unit -> bank row
+        rows = bank_rows(plan, num_units)  # unique unit -> bank row
         index = {l: [rows[roots.get((l, u), (l, u))] for u in range(num_units)] for l in plan.layers}
         bank_w, bank_b = {}, {}
         for k in kinds:
@@ -80,6 +100,20 @@ class DirectShare(SharingMethod):
             delattr(model, BANK)
 
         applied.undo.append(undo)
+
+
+    def settle(self, model: nn.Module, plan: DirectSharePlan, state: SharingState) -> None:
+        """Bank rows that no remaining projection reads (a later SA plan removed its receivers' q/k) are freed."""
+        bank = getattr(model, BANK, None)
+        if bank is not None:
+            compact(bank, [m for m in model.modules() if isinstance(m, GatheredLinear) and m.bank is bank])
+
+
+def bank_rows(plan: DirectSharePlan, num_units: int) -> dict[tuple[int, int], int]:
+    """Bank row of every unique (unreplaced) unit of the plan's layers, in (layer, unit) order."""
+    roots = plan.roots
+    unique = [(l, u) for l in plan.layers for u in range(num_units) if (l, u) not in roots]
+    return {lu: i for i, lu in enumerate(unique)}
 
 
 def stack_copy(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:

@@ -67,6 +67,27 @@ def gathered_linear(x: torch.Tensor, bank: torch.Tensor, bias: torch.Tensor | No
     return out if own_bias is None else out + own_bias
 
 
+def compact(bank: UnitBank, users: list[GatheredLinear]) -> None:
+    """Drop the bank rows no projection in ``users`` reads any more (a later plan removed the projections, e.g. SA
+    receivers' q/k) and renumber the users' indices; the dropped rows' memory is freed."""
+    for kind in [n for n, _ in bank.named_parameters() if not n.endswith("_bias")]:
+        readers = [u for u in users if u.kind == kind]
+        used = sorted({row for u in readers for row in u.index})
+        param = getattr(bank, kind)
+        axis = 0 if kind in ROW_KINDS else 1  # q/k/v (N, r, D); o (D, N, r)
+        if len(used) == param.shape[axis]:
+            continue
+        keep = torch.tensor(used, dtype=torch.long, device=param.device)
+        names = [kind] + ([f"{kind}_bias"] if hasattr(bank, f"{kind}_bias") else [])
+        for name, dim in zip(names, (axis, 0)):
+            old = getattr(bank, name)
+            setattr(bank, name, nn.Parameter(old.detach().index_select(dim, keep), requires_grad=old.requires_grad))
+        renumber = {row: i for i, row in enumerate(used)}
+        for u in readers:
+            u.index = [renumber[row] for row in u.index]
+            u.runs = runs_of(u.index)
+
+
 class GatheredLinear(nn.Module):
     """A q/k/v/o projection whose unit slices live in a :class:`UnitBank`; forward runs ``F.linear`` on views of
     the bank, one per run of consecutive bank rows (a layer without replaced units is a single run), so no weight is

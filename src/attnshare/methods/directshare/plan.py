@@ -22,6 +22,7 @@ class DirectSharePlan(Plan):
     match: str = "qk"
     share_o: bool = False
     ratio: float | None = None  # the ratio the planner was asked for (informational)
+    select: str | None = None  # how the planner chose the pairs: "loss" or "cosine" (informational)
 
     def validate(self, geo: Geometry) -> None:
         check_match(self.match)
@@ -58,19 +59,20 @@ class DirectSharePlan(Plan):
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "match": self.match, "share_o": self.share_o, "ratio": self.ratio,
-                "pairs": [list(p) for p in self.pairs]}
+                "select": self.select, "pairs": [list(p) for p in self.pairs]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DirectSharePlan:
         pairs = [tuple(int(x) for x in p) for p in data.get("pairs", [])]
         if any(len(p) != 4 for p in pairs):
             raise ValueError("each pair must be [layer, unit, root layer, root unit]")
-        ratio = data.get("ratio")
+        ratio, select = data.get("ratio"), data.get("select")
         return cls(pairs=sorted(pairs), match=str(data.get("match", "qk")), share_o=bool(data.get("share_o", False)),
-                   ratio=None if ratio is None else float(ratio))
+                   ratio=None if ratio is None else float(ratio), select=None if select is None else str(select))
 
     def summary(self) -> str:
-        share = f"{len(self.pairs)} units share ({self.match}{', +o' if self.share_o else ''})"
+        chosen = f"by {self.select}" if self.select == "loss" else self.match
+        share = f"{len(self.pairs)} units share ({chosen}{', +o' if self.share_o else ''})"
         return f"{self.method}: {share} across {len(self.layers)} layers"
 
 

@@ -1,9 +1,10 @@
-"""Measurement harness: DirectShare perplexity for ratios x match functions on one model, in one process.
+"""Measurement harness: DirectShare perplexity for ratios x selection rules x match functions on one model.
 
-``python -m attnshare.methods.directshare.sweep --ratios 0.05 0.1 0.2 0.3 --json out/ds-sweep.json``
+``python -m attnshare.methods.directshare.sweep --ratios 0.1 0.3 --selects cosine loss --json out/ds-sweep.json``
 
-Each row equals ``attnshare apply --method directshare --ratio R --match M --eval`` (same plan, same SPEC §6
-perplexity protocol); the model is loaded and the base measured once, and every plan is undone before the next.
+Each row equals ``attnshare apply --method directshare --ratio R --select S --match M --eval`` (same plan, same
+SPEC §6 perplexity protocol); the model is loaded and the base measured once, the loss planner measures once for all
+ratios, and every plan is undone before the next.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ...analysis.weights import MATCH_FUNCTIONS
 from ...evaluate.perplexity import PerplexityConfig, perplexity
 from ...models.loading import load_model
 from ...sharing.apply import apply, unapply
-from .config import DirectShareConfig
+from .config import SELECT_RULES, DirectShareConfig
 from .method import DirectShare
 from .planner import best_matches, match_statistics
 
@@ -29,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3])
     p.add_argument("--matches", nargs="+", default=list(MATCH_FUNCTIONS))
+    p.add_argument("--selects", nargs="+", default=["cosine"], choices=list(SELECT_RULES))
+    p.add_argument("--loss-tokens", type=int, default=DirectShareConfig.loss_tokens)
     p.add_argument("--share-o", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-tokens", type=int, default=16384, help="perplexity protocol: first N tokens of the text")
@@ -50,19 +53,26 @@ def main(argv: list[str] | None = None) -> int:
     method = DirectShare()
     for match in args.matches:
         out["stats"][match] = match_statistics(best_matches(model, match))
-        for ratio in args.ratios:
-            plan = method.make_plan(model, DirectShareConfig(ratio=ratio, match=match, share_o=args.share_o))
-            apply(model, plan, keep_originals=True)
+        for select in args.selects:
+            configs = [DirectShareConfig(ratio=ratio, match=match, select=select, share_o=args.share_o,
+                                         loss_tokens=args.loss_tokens) for ratio in args.ratios]
             start = time.perf_counter()
-            ppl = perplexity(model, tok, protocol, progress=False)
-            row = {"match": match, "ratio": ratio, "share_o": args.share_o, "units": len(plan.pairs),
-                   "params saved": params - model.num_parameters(), "ppl": ppl.ppl,
-                   "ppl ratio": ppl.ppl / out["base"]["ppl"], "seconds": time.perf_counter() - start}
-            unapply(model)
-            out["rows"].append(row)
-            print(json.dumps(row), flush=True)
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+            plans = method.make_plans(model, configs)
+            planning = time.perf_counter() - start
+            print(f"planned {match}/{select} in {planning:.0f} s", flush=True)
+            for ratio, plan in zip(args.ratios, plans):
+                apply(model, plan, keep_originals=True)
+                start = time.perf_counter()
+                ppl = perplexity(model, tok, protocol, progress=False)
+                row = {"match": match, "select": select, "ratio": ratio, "share_o": args.share_o,
+                       "units": len(plan.pairs), "params saved": params - model.num_parameters(), "ppl": ppl.ppl,
+                       "ppl ratio": ppl.ppl / out["base"]["ppl"], "planning seconds (all ratios)": planning,
+                       "seconds": time.perf_counter() - start, "pairs": [list(pair) for pair in plan.pairs]}
+                unapply(model)
+                out["rows"].append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "pairs"}), flush=True)
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
     return 0
 
 
