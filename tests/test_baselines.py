@@ -80,6 +80,24 @@ def test_mix_meets_kv_budgets_exactly_along_one_greedy_path():
         assert kv_bytes_per_token(shared) == pytest.approx(kv_bytes_per_token(model) * (12 - units) / 12)
 
 
+@pytest.mark.parametrize("kv_saving", [1 / 6, 1 / 3, 1 / 2])
+def test_mix_is_never_worse_than_the_pure_plans_it_contains(kv_saving):
+    """At every KV budget mix's plan measures no more KL on the calibration tokens than drop's and SA's own
+    planners at the same saving (on 6 layers every layer stays in the running, so their greedy paths are mix's)."""
+    from attnshare.methods.sa import SAConfig
+    from attnshare.methods.sa.planner import PlanProbe
+
+    model = tiny_model("llama", num_layers=6)
+    probe = PlanProbe(model, text="plays", tokens=64, seq_len=32, heldout=32, progress=False)
+    mix = probe.measure(attnshare.get_method("mix").make_plan(model, MixConfig(kv_saving=kv_saving, **SMALL))).kl
+    drop = probe.measure(attnshare.get_method("drop").make_plan(model, DropConfig(kv_saving=kv_saving, **SMALL))).kl
+    assert mix <= drop + 1e-9
+    receivers = round(kv_saving * 12)
+    if receivers <= 5:  # SA alone reaches at most L-1 receivers
+        sa = SAConfig(budget=receivers, align_heads=True, **SMALL)
+        assert mix <= probe.measure(attnshare.get_method("sa").make_plan(model, sa)).kl + 1e-9
+
+
 def test_mix_parameter_budget_is_met():
     model = tiny_model("qwen2", num_layers=6)
     target = 2 * qk_parameters(model, 1) / model.num_parameters()

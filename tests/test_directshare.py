@@ -6,6 +6,8 @@ tests/test_contract.py.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 
@@ -446,3 +448,26 @@ def test_runs_of_consecutive_bank_rows():
     assert runs_of([5, 6, 2]) == [(5, 2), (2, 1)]
     assert runs_of([0, 1, 2]) == [(0, 3)]
     assert runs_of([3, 3]) == [(3, 1), (3, 1)]
+
+
+def test_config_for_parameter_saving_meets_the_target_with_the_fewest_units(tmp_path):
+    """compare's equal-savings entry: the fewest replaced units that save the fraction; no KV saving to offer."""
+    from attnshare.methods import get_method
+    from attnshare.methods.directshare.method import unit_parameters
+
+    model, _ = loaded_tiny(tmp_path)
+    ds = get_method("directshare")
+    assert ds.config_for_saving(model, "kv", 0.1) is None  # every layer keeps its own K and V
+    assert get_method("postshare").config_for_saving(model, "params", 0.01) is None  # needs training
+    per_unit = unit_parameters(model)
+    attn = attention(model, 0)
+    assert per_unit == sum(getattr(attn, n).weight.numel() for n in ("q_proj", "k_proj", "v_proj")) // units(
+        geometry(model))
+    for wanted in (1, 3):
+        fraction = (wanted - 0.5) * per_unit / model.num_parameters()
+        config = ds.config_for_saving(model, "params", fraction)
+        plan = ds.make_plan(model, dataclasses.replace(config, **SMALL_LOSS))
+        assert len(plan.pairs) == wanted
+        saved = model.num_parameters() - attnshare.apply(copy.deepcopy(model), plan).num_parameters()
+        assert saved == wanted * per_unit >= fraction * model.num_parameters()
+    assert ds.config_for_saving(model, "params", 0.9) is None  # more than all units of layers 1..L-1

@@ -25,7 +25,6 @@ from ..data import load_text
 from ..errors import AttnshareError
 from ..evaluate.perplexity import PerplexityConfig
 from ..evaluate.proxies import make_proxy_items
-from ..methods.sa import SAPlan
 from ..models.loading import model_identity
 from ..paths import cache_dir
 from ..sharing.registry import get_method, plans_from_json
@@ -45,11 +44,14 @@ class DemoConfig:
     model: str = field(default="smollm2-135m", metadata={"help": "embedded name, folder or cached HF id"})
     out: str = field(default="report", metadata={"help": "report folder"})
     text: str = field(default="britannica", metadata={"help": "evaluation text (perplexity)"})
-    ppl_tokens: int = field(default=4096, metadata={"help": "perplexity tokens per variant (1024-token windows)"})
+    ppl_tokens: int = field(
+        default=2048, metadata={"help": "perplexity tokens per variant and text (1024-token windows; RESULTS use 16k)"}
+    )
     window: int = field(default=1024, metadata={"help": "perplexity window"})
     proxy_items: int = field(default=40, metadata={"help": "next-sentence proxy items per variant (0 skips)"})
     calib_tokens: int = field(default=1024, metadata={"help": "calibration tokens (plays) for analysis and planners"})
     heldout_tokens: int = field(default=256, metadata={"help": "held-out calibration tokens on which planners measure KL"})
+    greedy_width: int = field(default=4, metadata={"help": "planners' lazy greedy: options measured per step (0: all)"})
     kv_savings: list[float] = field(
         default_factory=lambda: [0.067],
         metadata={"help": "KV savings at which SA, mix and the drop/layerdrop baselines are compared (0.067: 4 SA receivers)"},
@@ -64,11 +66,12 @@ class DemoConfig:
         default=2.0, metadata={"help": "LiSA training budget; the trained artifact is cached and reused by later runs"}
     )
     ds_ratios: list[float] = field(default_factory=lambda: [0.1, 0.3], metadata={"help": "DirectShare ratios"})
+    ds_loss_tokens: int = field(default=128, metadata={"help": "DirectShare: held-out tokens its unit choice is measured on"})
     bench_context: int = field(default=512, metadata={"help": "short benchmark: prompt tokens (batch 1)"})
     bench_long_batch: int = field(default=4, metadata={"help": "long benchmark: sequences (0 skips it)"})
-    bench_long_context: int = field(default=1536, metadata={"help": "long benchmark: prompt tokens per sequence"})
-    bench_new_tokens: int = field(default=32, metadata={"help": "benchmark decode steps"})
-    bench_repeats: int = field(default=2, metadata={"help": "benchmark repeats (medians)"})
+    bench_long_context: int = field(default=1024, metadata={"help": "long benchmark: prompt tokens per sequence"})
+    bench_new_tokens: int = field(default=16, metadata={"help": "benchmark decode steps"})
+    bench_repeats: int = field(default=1, metadata={"help": "benchmark repeats after one warm-up (medians)"})
 
     def __post_init__(self) -> None:
         if self.ppl_tokens < self.window or self.window < 2:
@@ -79,6 +82,8 @@ class DemoConfig:
             raise AttnshareError("--lisa-fraction must lie in (0, 1) and --ds-ratios in [0, 1).")
         if self.proxy_items < 0 or self.lisa_minutes <= 0 or self.bench_repeats < 1:
             raise AttnshareError("--proxy-items must be >= 0, --lisa-minutes > 0 and --bench-repeats >= 1.")
+        if self.ds_loss_tokens < 2 or self.greedy_width < 0:
+            raise AttnshareError("--ds-loss-tokens must be at least 2 and --greedy-width zero or more.")
 
     def ppl_config(self) -> PerplexityConfig:
         return PerplexityConfig(text=self.text, window=self.window, max_tokens=self.ppl_tokens, batch_size=4)
@@ -136,7 +141,7 @@ def step_analyze(report: Report, model, tokenizer) -> None:
 
 def _planner_settings(cfg: DemoConfig) -> dict:
     return {"calib_tokens": cfg.calib_tokens, "calib_seq_len": min(512, cfg.calib_tokens),
-            "heldout_tokens": cfg.heldout_tokens}
+            "heldout_tokens": cfg.heldout_tokens, "greedy_width": cfg.greedy_width}
 
 
 def step_equal_savings(report: Report, model, tokenizer) -> None:
@@ -158,9 +163,6 @@ def step_equal_savings(report: Report, model, tokenizer) -> None:
             notes=notes + " (no proxy: the equal-savings step scores perplexity only)"))
         report.bench_variants.append((name, plans_from_json(row.plans)))
     report.section("Equal savings (untrained plans, two held-out texts)", markdown(base, rows, config))
-    if model.config.num_hidden_layers == 30:  # the paper's style of fixed late span, for comparison
-        span = SAPlan(donors={23: 22, 24: 22, 25: 22, 26: 22})
-        report.measure(model, tokenizer, span, "sa span 23-26<-22", "sa", "paper-style fixed span, untrained")
 
 
 def step_lisa(report: Report, model, tokenizer) -> None:
@@ -209,7 +211,8 @@ def _lisa_settings(lisa, cfg: DemoConfig) -> dict:
 def step_directshare(report: Report, model, tokenizer) -> None:
     ds = get_method("directshare")
     ratios = report.config.ds_ratios
-    plans = ds.make_plans(model, [ds.config_cls(ratio=ratio) for ratio in ratios])  # one measurement for all ratios
+    configs = [ds.config_cls(ratio=ratio, loss_tokens=report.config.ds_loss_tokens) for ratio in ratios]
+    plans = ds.make_plans(model, configs)  # one measurement for all ratios
     for ratio, plan in zip(ratios, plans):
         report.measure(model, tokenizer, plan, f"directshare {ratio:g}", "directshare", "qk match, no training")
         report.bench_variants.append((f"directshare {ratio:g}", [plan]))

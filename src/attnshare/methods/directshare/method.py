@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 from torch import nn
@@ -49,6 +50,16 @@ class DirectShare(SharingMethod):
             for i, found in zip(members, loss_pairs(model, [configs[i] for i in members])):
                 pairs[i] = found
         return [self.plan_for(config, found) for config, found in zip(configs, pairs)]
+
+    def config_for_saving(self, model: nn.Module, kind: str, fraction: float) -> DirectShareConfig | None:
+        """Parameters only (every layer keeps its own K/V cache): enough replaced units, each saving its q/k/v
+        slices and biases, to save ``fraction`` of the model's parameters, units chosen by measured loss."""
+        if kind != "params":
+            return None
+        geo = geometry(model)
+        num_units, total = units(geo), geo.num_layers * units(geo)
+        count = math.ceil(fraction * model.num_parameters() / unit_parameters(model) - 1e-9)
+        return DirectShareConfig(ratio=count / total) if 1 <= count <= total - num_units else None
 
     def plan_for(self, config: DirectShareConfig, pairs: list[Pair]) -> DirectSharePlan:
         """The plan of ``config`` with the chosen pairs (PostShare adds its training settings)."""
@@ -107,6 +118,16 @@ class DirectShare(SharingMethod):
         bank = getattr(model, BANK, None)
         if bank is not None:
             compact(bank, [m for m in model.modules() if isinstance(m, GatheredLinear) and m.bank is bank])
+
+
+def unit_parameters(model: nn.Module, share_o: bool = False) -> int:
+    """Parameters one replaced unit of layer 0 frees: its q/k/v rows and biases (and o columns with ``share_o``)."""
+    spec, num_units = arch_of(model), units(geometry(model))
+    attn = attention(model, 0)
+    kinds = list(ROW_KINDS) + (["o"] if share_o else [])
+    modules = [getattr(attn, getattr(spec, k)) for k in kinds]
+    return sum(m.weight.numel() + (m.bias.numel() if m.bias is not None and k != "o" else 0)
+               for k, m in zip(kinds, modules)) // num_units
 
 
 def bank_rows(plan: DirectSharePlan, num_units: int) -> dict[tuple[int, int], int]:

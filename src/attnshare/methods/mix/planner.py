@@ -1,5 +1,6 @@
-"""Mix's planner: one greedy path that, step by step, turns a layer into an SA receiver or drops it (or drops a
-receiver), always the move with the least measured KL increase per unit of saving, until each budget is met.
+"""Mix's planner: a greedy path that, step by step, turns a layer into an SA receiver or drops it (or drops a
+receiver), always the move with the least measured KL increase per unit of saving, until each budget is met; the
+same walk restricted to drops only and to SA receivers only; each budget takes the path of least measured KL.
 
 Savings are counted in the budget's own unit: half-layers of KV cache (a receiver frees K, 1; a dropped layer K
 and V, 2) or parameters (a receiver frees its q/k, a dropped layer all of its attention).
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from torch import nn
 from tqdm.auto import tqdm
 
+from ...analysis.sensitivity import Divergence
 from ...arch import attention_parameters, geometry, qk_parameters
 from ...errors import AttnshareError
 from ..sa.plan import nearest_donors
@@ -24,6 +26,9 @@ from .plan import MixPlan
 log = logging.getLogger(__name__)
 
 ACTIONS = ("sa", "drop")
+# Greedy paths walked; each budget takes the plan of least measured KL, so a mix plan is never worse on the
+# calibration tokens than the pure plans it contains (measured: the mixed path alone lost to drop-only at 13% KV)
+PATHS = (ACTIONS, ("drop",), ("sa",))
 NEAR = 4  # donor distances whose head maps are measured up front (farther ones when a plan first needs them)
 Assignment = dict[int, str]  # layer -> "sa" or "drop" (absent: kept)
 
@@ -48,7 +53,8 @@ def moves(assign: Assignment, layers: dict[str, list[int]]) -> list[tuple[int, s
 
 
 def plan_mix_curve(model: nn.Module, config: MixConfig, targets: list[float], *, progress: bool = True) -> list[MixPlan]:
-    """Mix plans for several savings targets (in the budget's unit, increasing) from one greedy path."""
+    """Mix plans for several savings targets (in the budget's unit, increasing): per target the least-KL plan of
+    the greedy paths in :data:`PATHS`."""
     geo = geometry(model)
     _, gain = budget_gains(model, config)
     probe = PlanProbe(model, text=config.calib_text, tokens=config.calib_tokens, seq_len=config.calib_seq_len,
@@ -64,9 +70,6 @@ def plan_mix_curve(model: nn.Module, config: MixConfig, targets: list[float], *,
         head_map = probe.head_maps(donors) if config.align_heads and donors else {}
         return MixPlan(drop=sorted(drop), donors=donors, head_map=head_map)
 
-    def saving(assign: Assignment) -> float:
-        return sum(gain(layer, a) for layer, a in assign.items())
-
     if config.align_heads:  # head maps of every near (donor, receiver) pair in one calibration pass
         near = sorted({(d, r) for r in range(1, geo.num_layers) for d in range(max(0, r - NEAR), r)
                        if geo.layer_types[d] == geo.layer_types[r]})
@@ -79,38 +82,66 @@ def plan_mix_curve(model: nn.Module, config: MixConfig, targets: list[float], *,
     needed = math.ceil(max(targets) / min(gain(layer, "sa") for layer in candidates["sa"]))
     keep = config.shortlist or needed + 8
     layers = {a: sorted(candidates[a], key=lambda layer: (single[(layer, a)].kl, layer))[:keep] for a in ACTIONS}
+    seen: dict[tuple, Divergence] = {}
+
+    def measure(plan: MixPlan) -> Divergence:  # the paths share their first steps: each plan is measured once
+        key = (tuple(plan.drop), tuple(sorted(plan.donors.items())))
+        if key not in seen:
+            seen[key] = probe.measure(plan)
+        return seen[key]
+
+    paths = {actions: greedy_path(measure, make, gain, single, layers, sorted(targets), actions,
+                                  config.greedy_width, progress) for actions in PATHS}
+    plans = []
+    for i, target in enumerate(sorted(targets)):
+        found = {actions: path[i] for actions, path in paths.items() if i < len(path)}
+        actions = min(found, key=lambda a: (found[a][1], PATHS.index(a)))  # least measured KL; ties to the mix
+        plans.append(found[actions][0])
+        log.info("%s: %s (KL %.4f; paths %s)", target, plans[-1].summary(), found[actions][1],
+                 ", ".join(f"{'+'.join(a)} {kl:.4f}" for a, (_, kl) in found.items()))
+    log.info("mix planning measured %d plans", probe.measured)
+    return plans
+
+
+def greedy_path(measure: Callable[[MixPlan], Divergence], make: Callable[[Assignment], MixPlan | None],
+                gain: Callable[[int, str], float], single: dict, layers: dict[str, list[int]], targets: list[float],
+                actions: tuple[str, ...], width: int, progress: bool) -> list[tuple[MixPlan, float]]:
+    """Lazy greedy over the moves of ``actions`` (each step: the least measured KL increase per unit of saving)
+    until each target (increasing) is met: (plan, KL) per target these moves can reach."""
     assign: Assignment = {}
-    kl, plans = 0.0, []
+    kl, out = 0.0, []
     last = {move: single[move].kl / gain(*move) for move in single}  # KL per unit when last measured (lazy greedy)
+    allowed = {a: layers[a] if a in actions else [] for a in ACTIONS}
+
+    def saving() -> float:
+        return sum(gain(layer, a) for layer, a in assign.items())
 
     def added(layer: int, action: str) -> float:  # saving a move adds to the current assignment
         return gain(layer, action) - (gain(layer, "sa") if assign.get(layer) == "sa" else 0)
 
-    bar = tqdm(total=len(targets), desc="mix greedy selection", unit="budget", disable=not progress, leave=False)
-    for target in sorted(targets):
-        while saving(assign) < target - 1e-9:
-            options = moves(assign, layers)
-            fitting = [m for m in options if added(*m) <= target - saving(assign) + 1e-9] or options
+    for target in tqdm(targets, desc=f"mix greedy {'+'.join(actions)}", unit="budget", disable=not progress,
+                       leave=False):
+        while saving() < target - 1e-9:
+            options = moves(assign, allowed)
+            fitting = [m for m in options if added(*m) <= target - saving() + 1e-9] or options
             fitting.sort(key=lambda m: (last[m], m))
             trials = {}
             for move in fitting:
-                if config.greedy_width and len(trials) >= config.greedy_width:
+                if width and len(trials) >= width:
                     break
                 plan = make({**assign, move[0]: move[1]})
                 if plan is not None:
-                    trials[move] = probe.measure(plan)
+                    trials[move] = measure(plan)
                     last[move] = (trials[move].kl - kl) / added(*move)
             if not trials:
+                if actions != ACTIONS:
+                    return out  # a pure path that cannot reach the budget (SA alone past L-1 receivers)
                 raise AttnshareError(f"mix found no valid move after {assign}; ask for a smaller saving.")
             move = min(trials, key=lambda m: (last[m], m))
             assign[move[0]] = move[1]
             kl = trials[move].kl
-        plans.append(make(assign))
-        log.info("%s (KL %.4f)", plans[-1].summary(), kl)
-        bar.update()
-    bar.close()
-    log.info("mix planning measured %d plans", probe.measured)
-    return plans
+        out.append((make(assign), kl))
+    return out
 
 
 def plan_mix(model: nn.Module, config: MixConfig, *, progress: bool = True) -> MixPlan:

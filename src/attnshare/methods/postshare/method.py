@@ -233,6 +233,9 @@ class PostShare(DirectShare):
     config_cls = PostShareConfig
     plan_cls = PostSharePlan
 
+    def config_for_saving(self, model: nn.Module, kind: str, fraction: float) -> None:
+        """None: PostShare is a training method (compare its trained artifacts with ``compare --artifacts``)."""
+
     def plan_for(self, config: PostShareConfig, pairs: list[Pair]) -> PostSharePlan:
         plan = super().plan_for(config, pairs)
         plan.reg_weight, plan.train_scope, plan.data_term = config.reg_weight, config.train_scope, config.data_term
