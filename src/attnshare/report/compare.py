@@ -218,7 +218,8 @@ def verdicts(rows: list[Row], kind: str, texts: list[str]) -> list[str]:
         parts = []
         for t in texts:
             best, base = min(shared, key=lambda r: r.ratio[t]), min(removal, key=lambda r: r.ratio[t])
-            verb = "beats" if best.ratio[t] < base.ratio[t] else "loses to"
+            gap = best.ratio[t] - base.ratio[t]
+            verb = "ties with" if abs(gap) < 5e-4 else "beats" if gap < 0 else "loses to"  # equal as printed
             parts.append(f"on {t} the best sharing plan ({best.method}, ×{best.ratio[t]:.3f}) {verb} the better "
                          f"baseline ({base.method}, ×{base.ratio[t]:.3f})")
         out.append(f"- {100 * target:.1f}% of the {KINDS[kind]}: " + "; ".join(parts) + ".")
@@ -267,7 +268,7 @@ def plots(rows: list[Row], text: str, out: Path) -> list[Path]:
     """Pareto plots of ppl ratio on ``text`` against KV saved and against parameters saved: all rows, both axes."""
     paths = []
     for kind, attr in (("kv", "kv_saved"), ("params", "params_saved")):
-        points = [Point(r.method, f"{100 * r.target:.0f}%" if r.target else "", getattr(r, attr), r.ratio[text])
+        points = [Point(r.method, f"{100 * r.target:.3g}%" if r.target else "", getattr(r, attr), r.ratio[text])
                   for r in rows if r.kind != "same layers"]
         if not any(p.saving > 0 for p in points):
             continue

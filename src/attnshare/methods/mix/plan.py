@@ -51,5 +51,6 @@ class MixPlan(Plan):
 
     def summary(self) -> str:
         pairs = ", ".join(f"{r}<-{d}" for r, d in sorted(self.donors.items()))
-        return (f"mix: drop {len(self.drop)} ({', '.join(map(str, sorted(self.drop)))}); "
-                f"sa {len(self.donors)} ({pairs}){' aligned' if self.head_map else ''}")
+        parts = [f"drop {len(self.drop)} ({', '.join(map(str, sorted(self.drop)))})"] if self.drop else []
+        parts += [f"sa {len(self.donors)} ({pairs}){' aligned' if self.head_map else ''}"] if self.donors else []
+        return f"mix: {'; '.join(parts) or 'nothing'}"
