@@ -119,6 +119,12 @@ def supported_types() -> str:
     return ", ".join(sorted(RECORDS))
 
 
+def eager_only(model_or_config) -> str | None:
+    """Why this model's attention needs transformers' eager path (SDPA would skip part of it), or None."""
+    cap = getattr(text_config(model_or_config), "attn_logit_softcapping", None)
+    return f"its attention soft-caps logits at {cap} (attn_logit_softcapping), which SDPA skips" if cap else None
+
+
 def text_config(model_or_config):
     """The decoder's config of a model or config (a multimodal config's ``text_config``)."""
     config = getattr(model_or_config, "config", model_or_config)

@@ -227,6 +227,12 @@ def register_attention(name: str, function: Callable, mask_like: str) -> None:
     AttentionMaskInterface.register(name, AttentionMaskInterface()[mask_like])
 
 
+def lacks_attention_implementation(err: Exception) -> bool:
+    """Whether ``from_pretrained`` refused the requested attention implementation for this model class (transformers
+    5.24 refuses SDPA for Gemma-2 with a ValueError; 5.17 accepts it)."""
+    return isinstance(err, ValueError) and "does not support an attention implementation" in str(err)
+
+
 def attn_implementation(model) -> str:
     """The model's attention implementation name (the config has no public getter in 5.17–5.24)."""
     return model.config._attn_implementation or "eager"

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from ..arch import arch_of
+from ..arch import arch_of, eager_only
 from ..errors import AttnshareError
-from ..hf_compat import warn_if_untested
+from ..hf_compat import lacks_attention_implementation, warn_if_untested
 from .gguf_file import (
     GGUF_SUFFIX,
     SOURCE_JSON,
@@ -138,9 +138,7 @@ def _load(source: str | Path, name_or_path: str, sha256: str | None, *, dtype, n
     try:
         # Never reach for a hub at run time: folders, the embedded cache, or HF ids already in the local HF cache.
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True, **extra
-        )
+        model = _from_pretrained(source, dtype, attn_implementation, extra)
     except (OSError, ValueError) as e:
         if Path(name_or_path).exists() or name_or_path in EMBEDDED or sha256:
             raise AttnshareError(f"Cannot load a model from '{name_or_path}' ({_first_line(e)}).") from e
@@ -156,6 +154,27 @@ def _load(source: str | Path, name_or_path: str, sha256: str | None, *, dtype, n
         model.config.attnshare_gguf_sha256 = sha256  # recorded in the identity: the cached conversion to reload
     model.eval()
     return model.to(device), tokenizer
+
+
+def _from_pretrained(source, dtype, attn_implementation: str, extra: dict):
+    """The model with ``attn_implementation``, or with eager attention where transformers offers no other for its
+    class (Gemma-2 has no SDPA in transformers 5.24), so such families load, and their artifacts reload, by default."""
+    def load(attn: str):
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn,
+                                                    local_files_only=True, **extra)
+
+    why = eager_only(AutoConfig.from_pretrained(source, local_files_only=True)) if attn_implementation != "eager" else None
+    if why:  # transformers 5.17 would run Gemma-2 under SDPA without its soft-capping
+        log.info("loading %s with eager attention: %s", source, why)
+        attn_implementation = "eager"
+    try:
+        return load(attn_implementation)
+    except ValueError as e:
+        if attn_implementation == "eager" or not lacks_attention_implementation(e):
+            raise
+        log.info("transformers has no %s attention for %s; loading it with eager attention", attn_implementation,
+                 source)
+        return load("eager")
 
 
 def unknown_model(name: str) -> str:
