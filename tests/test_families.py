@@ -179,42 +179,18 @@ FAMILIES: dict[str, Family] = {
 assert sorted(FAMILIES) == sorted(OTHER_ARCHS)
 
 
-def run_neutral(entry, name, bases, tmp_path):
-    contract.test_neutral_plan_is_the_base_exactly(entry, name, bases)
-
-
-def run_greedy(entry, name, bases, tmp_path):
-    contract.test_cached_greedy_generate_equals_no_cache_decoding(entry, name, bases)
-
-
-def run_beams(entry, name, bases, tmp_path):
-    contract.test_cached_beam_search_equals_no_cache(entry, name, bases)
-
-
-def run_padding(entry, name, bases, tmp_path):
-    contract.test_left_padded_batch_equals_each_prompt_alone(entry, name, bases)
-
-
-def run_kv_bytes(entry, name, bases, tmp_path):
-    contract.test_kv_cache_bytes_exact(entry, name, bases)
-
-
-def run_parameters(entry, name, bases, tmp_path):
-    contract.test_parameter_count_exact(entry, name, bases)
-
-
-def run_save_load(entry, name, bases, tmp_path):
-    contract.test_save_load_reproduces_logits(entry, name, bases, tmp_path)
-
-
-def run_unapply(entry, name, bases, tmp_path):
-    contract.test_unapply_restores_the_base_exactly(entry, name, bases)
-
-
+# contract property -> the contract suite's test of it (called with the family's bases; save_load also gets tmp_path)
 PROPERTIES: dict[str, Callable] = {
-    "neutral": run_neutral, "greedy": run_greedy, "beams": run_beams, "padding": run_padding,
-    "kv_bytes": run_kv_bytes, "parameters": run_parameters, "save_load": run_save_load, "unapply": run_unapply,
+    "neutral": contract.test_neutral_plan_is_the_base_exactly,
+    "greedy": contract.test_cached_greedy_generate_equals_no_cache_decoding,
+    "beams": contract.test_cached_beam_search_equals_no_cache,
+    "padding": contract.test_left_padded_batch_equals_each_prompt_alone,
+    "kv_bytes": contract.test_kv_cache_bytes_exact,
+    "parameters": contract.test_parameter_count_exact,
+    "save_load": contract.test_save_load_reproduces_logits,
+    "unapply": contract.test_unapply_restores_the_base_exactly,
 }
+NEEDS_TMP_PATH = {"save_load"}
 
 
 def property_case(entry, name: str, prop: str):
@@ -248,7 +224,7 @@ def family_bases(tmp_path_factory) -> Callable[[str], contract.Base]:
 
 @pytest.mark.parametrize("entry, name, prop", WORKING)
 def test_contract_property_on_family(entry, name, prop, family_bases, tmp_path):
-    PROPERTIES[prop](entry, name, family_bases, tmp_path)
+    PROPERTIES[prop](entry, name, family_bases, *([tmp_path] if prop in NEEDS_TMP_PATH else []))
 
 
 @pytest.mark.parametrize("entry, name", REFUSED)

@@ -157,8 +157,9 @@ def _load(source: str | Path, name_or_path: str, sha256: str | None, *, dtype, n
 
 
 def _from_pretrained(source, dtype, attn_implementation: str, extra: dict):
-    """The model with ``attn_implementation``, or with eager attention where transformers offers no other for its
-    class (Gemma-2 has no SDPA in transformers 5.24), so such families load, and their artifacts reload, by default."""
+    """The model with ``attn_implementation``, or with eager attention where the config needs it
+    (:func:`attnshare.arch.eager_only`: soft-capped Gemma-2) or transformers offers no other for the model class, so
+    such families load, and their artifacts reload, by default."""
     def load(attn: str):
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation=attn,
                                                     local_files_only=True, **extra)
