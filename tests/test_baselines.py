@@ -215,3 +215,57 @@ def test_lazy_greedy_is_exact_when_wide_and_still_nested_when_narrow():
     assert curve(100) == curve(0)
     narrow = curve(1)
     assert all(set(a) <= set(b) for a, b in itertools.pairwise(narrow)) and [len(x) for x in narrow] == [1, 2, 3, 4]
+
+
+def test_reference_kl_equals_torch_kl_div_also_on_a_prefix():
+    """KL as one dot product with the reference's probabilities equals F.kl_div, on the block and on its head."""
+    import torch.nn.functional as F
+
+    from attnshare.analysis.sensitivity import Reference
+
+    torch.manual_seed(0)
+    ref_logp = F.log_softmax(torch.randn(15, 40) * 3, dim=-1)
+    logp = F.log_softmax(torch.randn(15, 40) * 3, dim=-1)
+    reference = Reference.of(ref_logp)
+    expected = F.kl_div(logp, ref_logp, log_target=True, reduction="sum").item()
+    assert reference.kl_sum(logp.clone()) == pytest.approx(expected, rel=1e-5)
+    head = F.kl_div(logp[:7], ref_logp[:7], log_target=True, reduction="sum").item()
+    assert reference.head(8).kl_sum(logp[:7].clone()) == pytest.approx(head, rel=1e-5)
+    assert reference.kl_sum(ref_logp.clone()) == pytest.approx(0.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("heldout, screen", [(64, 16), (64, 32)])
+def test_probe_screen_equals_a_probe_on_those_tokens(heldout, screen):
+    """Screening measures exactly what a probe holding only the first ``screen`` held-out tokens measures."""
+    from attnshare.analysis.sensitivity import Probe
+    from attnshare.methods.sa.plan import nearest_donors
+
+    model = tiny_model("llama", num_layers=6)
+    probe = Probe(model, tokens=64, seq_len=32, heldout=heldout, screen=screen)
+    small = Probe(model, tokens=64, seq_len=32, heldout=screen)
+    for plan in [SAPlan(donors=nearest_donors([4, 5], attnshare.arch.geometry(model))), DropPlan(layers=[2])]:
+        assert probe.measure(plan, screen=True).kl == pytest.approx(small.measure(plan).kl, rel=1e-5)
+        assert probe.measure(plan).kl != pytest.approx(small.measure(plan).kl, rel=1e-3)  # the full view differs
+    assert Probe(model, tokens=64, seq_len=32, heldout=32, screen=32).screen is None  # nothing cheaper to screen on
+
+
+def test_screened_greedy_measures_only_the_shortlist_on_every_token():
+    """Every candidate is screened, the shortlist re-measured; the choice follows the full measurements."""
+    from attnshare.analysis.sensitivity import Divergence, greedy_select
+
+    full_kl = {0: 0.5, 1: 0.1, 2: 0.3, 3: 0.2, 4: 0.9}
+    screen_kl = {0: 0.4, 1: 0.3, 2: 0.2, 3: 0.25, 4: 0.8}  # the screen ranks 2 first; the full measurement 1
+    calls = {"full": [], "screen": []}
+
+    def full(items):
+        calls["full"].append(tuple(items))
+        return Divergence(sum(full_kl[i] for i in items), 1.0)
+
+    def screen(items):
+        calls["screen"].append(tuple(items))
+        return Divergence(sum(screen_kl[i] for i in items), 1.0)
+
+    steps = greedy_select(full, list(full_kl), 2, shortlist=3, screen=screen)
+    assert sorted(calls["screen"]) == [(c,) for c in full_kl]
+    assert sorted(c for c in calls["full"] if len(c) == 1) == [(1,), (2,), (3,)]  # the screen's best three
+    assert steps[0].chosen == [1] and steps[1].chosen == [1, 3]

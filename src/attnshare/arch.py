@@ -351,6 +351,15 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return module
 
 
+def decoder_stack(model: nn.Module) -> nn.Module:
+    """The module that holds the decoder layers (embeddings, layers, final norm; no LM head): called with input ids
+    it returns the last hidden states, for passes that only read what happens inside the layers."""
+    module = model
+    for part in arch_of(model).layers.split(".")[:-1]:
+        module = getattr(module, part)
+    return module
+
+
 def attention(model: nn.Module, layer: int) -> nn.Module:
     """The attention module of decoder layer ``layer`` (a removed block has none)."""
     module = getattr(decoder_layers(model)[layer], arch_of(model).attn, None)

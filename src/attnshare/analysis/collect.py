@@ -140,6 +140,10 @@ class CalibrationConfig:
     heldout_tokens: int = field(
         default=512, metadata={"help": "held-out calibration tokens on which planners measure the KL of candidate plans"}
     )
+    screen_tokens: int = field(
+        default=128, metadata={"help": "planners first measure every candidate alone on this many held-out tokens, "
+                                       "then the shortlist on all of them (0: all of them from the start)"}
+    )
     shortlist: int = field(
         default=0, metadata={"help": "candidates kept for greedy selection after single measurement (0: budget + 8)"}
     )
@@ -151,3 +155,5 @@ class CalibrationConfig:
         check_calibration_text(self.calib_text)
         if self.calib_tokens < 2 or self.heldout_tokens < 2 or self.calib_seq_len < 2 or self.shortlist < 0 or self.greedy_width < 0:
             raise AttnshareError("Calibration and held-out token counts and the sequence length must be at least 2.")
+        if self.screen_tokens == 1 or self.screen_tokens < 0:
+            raise AttnshareError(f"--screen-tokens must be 0 (off) or at least 2; got {self.screen_tokens}.")

@@ -32,32 +32,56 @@ class Divergence:
     ppl: float
 
 
-def forward_logprobs(model: nn.Module, blocks: torch.Tensor) -> list[torch.Tensor]:
-    """Next-token log-probabilities per block: blocks (N, T) -> N tensors (T-1, V) in float32."""
+@dataclass
+class Reference:
+    """The base model's next-token distribution on one block, kept as log-probabilities and probabilities so KL is
+    one subtraction and one dot product per measurement (no exponential)."""
+
+    logp: torch.Tensor  # (T-1, V) float32
+    probs: torch.Tensor  # (T-1, V) float32, exp(logp)
+
+    @classmethod
+    def of(cls, logp: torch.Tensor) -> Reference:
+        return cls(logp, logp.exp())
+
+    def head(self, tokens: int) -> Reference:
+        """The reference of the block's first ``tokens`` tokens (a causal model's first rows are unchanged)."""
+        return Reference(self.logp[: tokens - 1], self.probs[: tokens - 1])
+
+    def kl_sum(self, logp: torch.Tensor) -> float:
+        """Σ_t KL(p_ref,t || p_t) for log-probs ``logp`` (T-1, V) of the same block (overwritten)."""
+        # per entry log p_ref - log p, so small KLs do not cancel; the clamp keeps 0 * inf (no reference mass
+        # where the shared model has none) from turning into NaN
+        gap = logp.clamp_(min=-1e30).neg_().add_(self.logp)  # (T-1, V)
+        return torch.dot(self.probs.flatten(), gap.flatten()).item()
+
+
+def block_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities of one block: ids (T,) -> (T-1, V) float32 on the CPU."""
     device = next(model.parameters()).device
-    out = []
+    logits = model(ids[None].to(device), use_cache=False).logits[0, :-1].float()  # (T-1, V)
+    return F.log_softmax(logits, dim=-1).cpu()
+
+
+def forward_reference(model: nn.Module, blocks: torch.Tensor) -> list[Reference]:
+    """The base model's :class:`Reference` per block: blocks (N, T) -> N references."""
     with torch.inference_mode():
-        for ids in blocks:
-            logits = model(ids[None].to(device), use_cache=False).logits[0, :-1].float()  # (T-1, V)
-            out.append(F.log_softmax(logits, dim=-1).cpu())
-    return out
+        return [Reference.of(block_logprobs(model, ids)) for ids in blocks]
 
 
-def divergence(model: nn.Module, blocks: torch.Tensor, reference: list[torch.Tensor]) -> Divergence:
-    """KL from ``reference`` (the base model's log-probs on ``blocks``) to ``model``'s, and ``model``'s ppl."""
-    device = next(model.parameters()).device
+def divergence(model: nn.Module, blocks: torch.Tensor, reference: list[Reference]) -> Divergence:
+    """KL from ``reference`` (the base model's distributions on ``blocks``) to ``model``'s, and ``model``'s ppl."""
     kl, nll, count = 0.0, 0.0, 0
     with torch.inference_mode():
         for ids, ref in zip(blocks, reference):
-            logits = model(ids[None].to(device), use_cache=False).logits[0, :-1].float()  # (T-1, V)
-            logp = F.log_softmax(logits, dim=-1).cpu()
-            kl += F.kl_div(logp, ref, log_target=True, reduction="sum").item()  # Σ_t Σ_v p_ref (log p_ref - log p)
+            logp = block_logprobs(model, ids)  # (T-1, V)
             nll += F.nll_loss(logp, ids[1:], reduction="sum").item()
+            kl += ref.kl_sum(logp)
             count += ids.numel() - 1
     return Divergence(kl / count, math.exp(min(nll / count, 700.0)))  # a broken plan reads as huge, not OverflowError
 
 
-def plan_divergence(model: nn.Module, plan: Plan | list[Plan], blocks: torch.Tensor, reference: list[torch.Tensor],
+def plan_divergence(model: nn.Module, plan: Plan | list[Plan], blocks: torch.Tensor, reference: list[Reference],
                     prefix: list[torch.Tensor] | None = None) -> Divergence:
     """Apply ``plan`` to the (base) ``model``, measure :func:`divergence`, and undo it (the model ends unchanged).
 
@@ -113,8 +137,9 @@ def replayed_prefix(model: nn.Module, prefix: list[torch.Tensor] | None, first: 
             layers[i] = layer
 
 
-def layer_inputs(model: nn.Module, blocks: torch.Tensor) -> list[torch.Tensor]:
-    """The base model's input to every decoder layer on ``blocks`` (N,T): L tensors (N,T,D), kept on the CPU."""
+def reference_and_inputs(model: nn.Module, blocks: torch.Tensor) -> tuple[list[Reference], list[torch.Tensor]]:
+    """One base forward per block (N,T): its :class:`Reference` per block and its input to every decoder layer
+    (L tensors (N,T,D), kept on the CPU)."""
     layers = decoder_layers(model)
     seen: list[list[torch.Tensor]] = [[] for _ in layers]
 
@@ -123,9 +148,13 @@ def layer_inputs(model: nn.Module, blocks: torch.Tensor) -> list[torch.Tensor]:
             seen[index].append(hidden_input(args, kwargs).detach().cpu())  # (1,T,D)
         return hook
 
-    run_hooked(model, blocks, [layer.register_forward_pre_hook(record(i), with_kwargs=True)
-                               for i, layer in enumerate(layers)])
-    return [torch.cat(inputs) for inputs in seen]
+    handles = [layer.register_forward_pre_hook(record(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        reference = forward_reference(model, blocks)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return reference, [torch.cat(inputs) for inputs in seen]
 
 
 def hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -149,24 +178,48 @@ class Probe:
     """Measures candidate plans on one base model: held-out calibration blocks and their reference log-probs.
 
     The held-out tokens follow the first ``tokens`` calibration tokens of ``text`` (never an evaluation text).
+    ``screen`` > 0 (and fewer than the held-out tokens) adds a cheaper measurement on the first ``screen`` of them
+    (``measure(..., screen=True)``; whole blocks only once it spans more than one), for a first pass over many
+    candidates.
     """
 
     def __init__(self, model: nn.Module, *, text: str = "plays", tokens: int = 1024, seq_len: int = 512,
-                 heldout: int = 512, progress: bool = False, tokenizer=None) -> None:
+                 heldout: int = 512, screen: int = 0, progress: bool = False, tokenizer=None) -> None:
         check_base_model(model)
         self.model, self.text, self.tokens, self.seq_len, self.progress = model, text, tokens, seq_len, progress
         self.tokenizer = tokenizer if tokenizer is not None else model_tokenizer(model)
         self.geo = geometry(model)
         self.heldout = calibration_blocks(model, text, heldout, min(seq_len, heldout), offset=tokens,
                                           tokenizer=self.tokenizer)  # (N, T)
-        self.reference = forward_logprobs(model, self.heldout)
-        self.prefix = layer_inputs(model, self.heldout)  # L x (N,T,D): layers below a plan are replayed
+        # the base's distributions, and its layer inputs L x (N,T,D): layers below a plan are replayed
+        self.reference, self.prefix = reference_and_inputs(model, self.heldout)
+        self.screen = first_tokens(self.heldout, self.reference, self.prefix, screen) if screen else None
         self.measured = 0
 
-    def measure(self, plans: Plan | list[Plan]) -> Divergence:
-        """KL from the base and ppl of the model with ``plans`` applied (the model ends unchanged)."""
+    def measure(self, plans: Plan | list[Plan], *, screen: bool = False) -> Divergence:
+        """KL from the base and ppl of the model with ``plans`` applied (the model ends unchanged); with ``screen``
+        on the screening tokens only (all held-out tokens when the probe has none)."""
         self.measured += 1
-        return plan_divergence(self.model, plans, self.heldout, self.reference, self.prefix)
+        blocks, reference, prefix = (self.screen if screen and self.screen else
+                                     (self.heldout, self.reference, self.prefix))
+        return plan_divergence(self.model, plans, blocks, reference, prefix)
+
+    def screener(self, measure: Callable[[list, bool], Divergence]) -> Callable[[list], Divergence] | None:
+        """``measure(items, screen)`` as the screening measurement :func:`greedy_select` takes, if there is one."""
+        return (lambda items: measure(items, True)) if self.screen else None
+
+
+def first_tokens(blocks: torch.Tensor, reference: list[Reference], prefix: list[torch.Tensor],
+                 tokens: int) -> tuple[torch.Tensor, list[Reference], list[torch.Tensor]] | None:
+    """The held-out view of the first ``tokens`` tokens: blocks (N,T), references and layer inputs L x (N,T,D) cut
+    to them (whole blocks once ``tokens`` >= T); None where that is all of them (nothing cheaper to screen on)."""
+    count, seq = blocks.shape
+    if tokens >= count * seq:
+        return None
+    if tokens >= seq:
+        n = tokens // seq
+        return blocks[:n], reference[:n], [p[:n] for p in prefix]
+    return blocks[:1, :tokens], [reference[0].head(tokens)], [p[:1, :tokens] for p in prefix]
 
 
 @dataclass
@@ -179,10 +232,12 @@ class Step:
 
 def greedy_select(measure: Callable[[list], Divergence], candidates: list, count: int, *,
                   valid: Callable[[list], list] | None = None, shortlist: int = 0, width: int = 0,
-                  progress: bool = False, desc: str = "greedy selection") -> list[Step]:
+                  screen: Callable[[list], Divergence] | None = None, progress: bool = False,
+                  desc: str = "greedy selection") -> list[Step]:
     """Greedy forward selection of ``count`` items, by the measured divergence of the whole plan.
 
-    Every candidate is first measured alone; the ``shortlist`` best (0: count + 8) stay in the running; then items
+    Every candidate is first measured alone (by ``screen`` where given, a cheaper measurement whose shortlist is
+    then measured again by ``measure``); the ``shortlist`` best (0: count + 8) stay in the running; then items
     are added one at a time, each time the one whose addition gives the smallest KL (ties: the smallest item).
     With ``width`` > 0 a step measures only the ``width`` options that did best last time they were measured (lazy
     greedy: far fewer measurements, the same choice whenever the options' order does not change much).
@@ -190,9 +245,13 @@ def greedy_select(measure: Callable[[list], Divergence], candidates: list, count
     :class:`Step` per size 1..count, so the selections for smaller counts are prefixes of the largest one.
     """
     valid = valid or (lambda chosen: [c for c in candidates if c not in chosen])
-    single = {c: measure([c]) for c in tqdm(candidates, desc=f"{desc}: single", unit="candidate",
-                                             disable=not progress, leave=False)}
+    single = {c: (screen or measure)([c]) for c in tqdm(candidates, desc=f"{desc}: single", unit="candidate",
+                                                         disable=not progress, leave=False)}
     keep = sorted(candidates, key=lambda c: (single[c].kl, c))[:max(shortlist or count + 8, count)]
+    if screen:
+        single = {c: measure([c]) for c in tqdm(keep, desc=f"{desc}: shortlist", unit="candidate",
+                                                 disable=not progress, leave=False)}
+        keep.sort(key=lambda c: (single[c].kl, c))
     last = {c: single[c].kl for c in keep}  # each option's KL when it was last measured
     best = keep[0]
     steps = [Step([best], single[best])]

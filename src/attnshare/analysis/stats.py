@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..arch import geometry
+from ..arch import decoder_stack, geometry
 from ..errors import AttnshareError
 from . import metrics
 from .collect import record_attention
@@ -143,8 +143,9 @@ def collect_stats(model, blocks: torch.Tensor, *, head_pairs: list[Pair] = (), l
     needed = None if layer_pairs else sorted(stats._needed)
     device = next(model.parameters()).device
     batches = range(0, blocks.shape[0], batch_size)
+    stack = decoder_stack(model)  # the LM head computes nothing the statistics read
     with record_attention(model, stats.add, needed), torch.inference_mode():
         for start in tqdm(batches, desc="attention statistics", unit="batch", disable=not progress, leave=False):
-            model(blocks[start : start + batch_size].to(device), use_cache=False)
+            stack(blocks[start : start + batch_size].to(device), use_cache=False)
             stats.end_batch()
     return stats

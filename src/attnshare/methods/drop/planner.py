@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...analysis.collect import calibration_blocks
-from ...analysis.sensitivity import Probe, greedy_select, hidden_input, run_hooked
+from ...analysis.sensitivity import Divergence, Probe, greedy_select, hidden_input, run_hooked
 from ...arch import attention, decoder_layers, geometry
 from ...errors import AttnshareError
 from ...plan import Plan
@@ -87,9 +87,13 @@ def plan_removal_curve(model: nn.Module, config: RemovalConfig, counts: list[int
         order = sorted(range(num_layers), key=lambda layer: (scores[layer], layer))
         return {n: make(sorted(order[:n])) for n in counts}
     probe = Probe(model, text=config.calib_text, tokens=config.calib_tokens, seq_len=config.calib_seq_len,
-                  heldout=config.heldout_tokens, progress=progress)
-    steps = greedy_select(lambda layers: probe.measure(make(sorted(layers))), list(range(num_layers)), top,
-                          shortlist=config.shortlist, width=config.greedy_width, progress=progress, desc=f"{make([]).method} greedy selection")
+                  heldout=config.heldout_tokens, screen=config.screen_tokens, progress=progress)
+
+    def score(layers: list[int], screen: bool = False) -> Divergence:
+        return probe.measure(make(sorted(layers)), screen=screen)
+
+    steps = greedy_select(score, list(range(num_layers)), top, shortlist=config.shortlist, width=config.greedy_width,
+                          screen=probe.screener(score), progress=progress, desc=f"{make([]).method} greedy selection")
     for n in counts:
         log.info("%s (KL %.4f, held-out ppl %.3f)", make(sorted(steps[n - 1].chosen)).summary(),
                  steps[n - 1].score.kl, steps[n - 1].score.ppl)

@@ -58,7 +58,7 @@ def plan_mix_curve(model: nn.Module, config: MixConfig, targets: list[float], *,
     geo = geometry(model)
     _, gain = budget_gains(model, config)
     probe = PlanProbe(model, text=config.calib_text, tokens=config.calib_tokens, seq_len=config.calib_seq_len,
-                      heldout=config.heldout_tokens, progress=progress)
+                      heldout=config.heldout_tokens, screen=config.screen_tokens, progress=progress)
 
     def make(assign: Assignment) -> MixPlan | None:
         drop = frozenset(layer for layer, a in assign.items() if a == "drop")
@@ -76,12 +76,6 @@ def plan_mix_curve(model: nn.Module, config: MixConfig, targets: list[float], *,
         probe.head_map_pairs(near)
     candidates = {"sa": [layer for layer in range(1, geo.num_layers) if make({layer: "sa"})],
                   "drop": list(range(geo.num_layers))}
-    single = {(layer, a): probe.measure(make({layer: a})) for a in ACTIONS
-              for layer in tqdm(candidates[a], desc=f"mix single-layer {a}", unit="layer", disable=not progress,
-                                leave=False)}
-    needed = math.ceil(max(targets) / min(gain(layer, "sa") for layer in candidates["sa"]))
-    keep = config.shortlist or needed + 8
-    layers = {a: sorted(candidates[a], key=lambda layer: (single[(layer, a)].kl, layer))[:keep] for a in ACTIONS}
     seen: dict[tuple, Divergence] = {}
 
     def measure(plan: MixPlan) -> Divergence:  # the paths share their first steps: each plan is measured once
@@ -89,6 +83,19 @@ def plan_mix_curve(model: nn.Module, config: MixConfig, targets: list[float], *,
         if key not in seen:
             seen[key] = probe.measure(plan)
         return seen[key]
+
+    def first(plan: MixPlan) -> Divergence:  # the first pass over every move: on the screening tokens, if any
+        return probe.measure(plan, screen=True) if probe.screen else measure(plan)
+
+    single = {(layer, a): first(make({layer: a})) for a in ACTIONS
+              for layer in tqdm(candidates[a], desc=f"mix single-layer {a}", unit="layer", disable=not progress,
+                                leave=False)}
+    needed = math.ceil(max(targets) / min(gain(layer, "sa") for layer in candidates["sa"]))
+    keep = config.shortlist or needed + 8
+    layers = {a: sorted(candidates[a], key=lambda layer: (single[(layer, a)].kl, layer))[:keep] for a in ACTIONS}
+    if probe.screen:  # the shortlisted moves measured on all held-out tokens
+        single = {(layer, a): measure(make({layer: a})) for a in ACTIONS for layer in layers[a]}
+        layers = {a: sorted(layers[a], key=lambda layer: (single[(layer, a)].kl, layer)) for a in ACTIONS}
 
     paths = {actions: greedy_path(measure, make, gain, single, layers, sorted(targets), actions,
                                   config.greedy_width, progress) for actions in PATHS}

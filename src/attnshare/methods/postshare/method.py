@@ -19,7 +19,6 @@ import copy
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from ...analysis.collect import calibration_blocks
-from ...analysis.sensitivity import Divergence, divergence, forward_logprobs, plan_divergence
+from ...analysis.sensitivity import Divergence, Reference, divergence, forward_reference, plan_divergence
 from ...analysis.weights import projection_weight, units
 from ...arch import arch_of, attention, geometry
 from ...data import load_text, tokenize_text
@@ -177,7 +176,7 @@ def scope_masks(model: nn.Module, plan: PostSharePlan) -> dict[str, torch.Tensor
 
 
 def shared_divergence(model: nn.Module, plan: PostSharePlan, blocks: torch.Tensor,
-                      reference: list[torch.Tensor]) -> Divergence:
+                      reference: list[Reference]) -> Divergence:
     """KL to ``reference`` of ``model`` shared by ``plan`` as its weights are now (applied with kept originals, then
     undone), whatever sharing state the model carries meanwhile."""
     state = state_of(model)
@@ -185,19 +184,9 @@ def shared_divergence(model: nn.Module, plan: PostSharePlan, blocks: torch.Tenso
         delattr(model, STATE_ATTR)
     try:
         return plan_divergence(model, plan, blocks, reference)
-    except OverflowError:  # perplexity beyond float range: a wrecked model, worse than any other
-        return Divergence(math.inf, math.inf)
     finally:
         if state is not None:
             setattr(model, STATE_ATTR, state)
-
-
-def current_divergence(model: nn.Module, blocks: torch.Tensor, reference: list[torch.Tensor]) -> Divergence:
-    """:func:`divergence` of ``model`` as it is (already shared), infinite for a model beyond float range."""
-    try:
-        return divergence(model, blocks, reference)
-    except OverflowError:
-        return Divergence(math.inf, math.inf)
 
 
 class Guard:
@@ -208,7 +197,7 @@ class Guard:
         self.plan = plan
         self.blocks = calibration_blocks(model, plan.calib_text, plan.guard_tokens, seq, offset=GUARD_OFFSET,
                                          tokenizer=tokenizer)  # (N, T)
-        self.reference = forward_logprobs(model, self.blocks)  # the base model's log-probs
+        self.reference = forward_reference(model, self.blocks)  # the base model's distributions
         self.directshare = shared_divergence(model, plan, self.blocks, self.reference)
 
     @property
@@ -218,7 +207,7 @@ class Guard:
 
     def keeps_training(self, model: nn.Module, shared: bool = False) -> tuple[bool, Divergence]:
         """Whether the trained ``model`` (already ``shared`` by the plan, or still unshared) beats DirectShare."""
-        trained = (current_divergence(model, self.blocks, self.reference) if shared else
+        trained = (divergence(model, self.blocks, self.reference) if shared else
                    shared_divergence(model, self.plan, self.blocks, self.reference))
         return trained.kl < self.directshare.kl, trained
 

@@ -6,6 +6,7 @@ calibration tokens, against the unshared model); LiSA's layer choice and the ana
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -54,6 +55,17 @@ class PlanProbe(Probe):
         if aligned:
             plan.head_map = self.head_maps(plan.donors)
         return plan
+
+    def likely_pairs(self, receivers: list[int]) -> list[Pair]:
+        """(donor, receiver) pairs of each of ``receivers`` alone, and with its donor a receiver too: the pairs a
+        greedy selection meets unless it chains three receivers (those are computed when met)."""
+        pairs = []
+        for receiver in receivers:
+            donor = nearest_donors([receiver], self.geo)[receiver]
+            pairs.append((donor, receiver))
+            with contextlib.suppress(AttnshareError):  # the donor cannot be a receiver itself (layer 0)
+                pairs.append((nearest_donors([donor, receiver], self.geo)[receiver], receiver))
+        return pairs
 
     def valid_receivers(self, chosen: list[int]) -> list[int]:
         """Layers that can join ``chosen`` as SA receivers (a same-kind non-receiver layer exists before them)."""
@@ -108,7 +120,7 @@ def plan_sa_curve(model: nn.Module, config: SAConfig, budgets: list[int], *,
         sa_budget(SAConfig(budget=budget), geo.num_layers)  # range check
     top = max(budgets)
     probe = PlanProbe(model, text=config.calib_text, tokens=config.calib_tokens, seq_len=config.calib_seq_len,
-                      heldout=config.heldout_tokens, progress=progress)
+                      heldout=config.heldout_tokens, screen=config.screen_tokens, progress=progress)
     candidates = probe.valid_receivers([])
     if len(candidates) < top:
         raise AttnshareError(
@@ -116,10 +128,14 @@ def plan_sa_curve(model: nn.Module, config: SAConfig, budgets: list[int], *,
             "ask for fewer receivers."
         )
     aligned = config.align_heads
-    if aligned:  # every single-layer head map in one calibration pass
-        probe.head_maps({r: d for r in candidates for d in nearest_donors([r], geo).values()})
-    steps = greedy_select(lambda receivers: probe.measure(probe.sa_plan(receivers, aligned)), candidates, top,
-                          valid=probe.valid_receivers, shortlist=config.shortlist, width=config.greedy_width, progress=progress,
+    if aligned:  # the head maps a selection meets, in one calibration pass
+        probe.head_map_pairs(probe.likely_pairs(candidates))
+
+    def score(receivers: list[int], screen: bool = False) -> Divergence:
+        return probe.measure(probe.sa_plan(receivers, aligned), screen=screen)
+
+    steps = greedy_select(score, candidates, top, valid=probe.valid_receivers, shortlist=config.shortlist,
+                          width=config.greedy_width, screen=probe.screener(score), progress=progress,
                           desc="SA greedy selection")
     plans = {}
     for budget in budgets:
