@@ -19,6 +19,8 @@ import attnshare
 from attnshare.analysis.weights import MATCH_FUNCTIONS, unit_similarity, unit_vectors, units
 from attnshare.arch import attention, geometry
 from attnshare.errors import AttnshareError
+from attnshare.methods import get_method
+from attnshare.methods.directshare import DirectShareConfig, DirectSharePlan
 from attnshare.methods.directshare.planner import WeightMatches, best_matches, match_statistics
 
 # ------------------------------------------------------------------------------------------ weight similarity
@@ -84,9 +86,13 @@ def test_best_matches_find_a_planted_copy(arch):
     assert torch.isnan(m.score[0]).all() and (m.layer[0] == -1).all() and (m.unit[0] == -1).all()
     assert math.isclose(float(m.score[3, 1]), 1.0, rel_tol=1e-5)
     assert (int(m.layer[3, 1]), int(m.unit[3, 1])) == (1, 0)
-    assert (m.layer[1:] < torch.arange(1, 4).unsqueeze(1)).all()  # always an earlier layer
+    has = m.layer[1:] >= 0  # every unit with an earlier layer of its kind has a match, always an earlier layer
+    assert (m.layer[1:][has] < torch.arange(1, 4).unsqueeze(1).expand(-1, 2)[has]).all()
+    kinds = geometry(model).layer_types
+    matched = [l for l in range(1, 4) if any(kinds[e] == kinds[l] for e in range(l))]
+    assert has.any(dim=1).tolist() == [l in matched for l in range(1, 4)]
     stats = match_statistics(m)
-    assert stats["max"] == pytest.approx(1.0, rel=1e-5) and stats["units"] == 6
+    assert stats["max"] == pytest.approx(1.0, rel=1e-5) and stats["units"] == 2 * len(matched)
     back = WeightMatches.from_dict(json.loads(json.dumps(m.to_dict())))
     assert torch.equal(back.layer, m.layer) and torch.equal(back.unit, m.unit)
     torch.testing.assert_close(back.score, m.score, equal_nan=True)
@@ -142,20 +148,23 @@ def test_select_pairs_ranks_and_resolves_chains_to_roots():
 
 
 def test_planted_chain_on_real_weights(arch):
-    """(2,0) copies (1,1) which nearly copies (0,0): both are replaced and both end up sharing (0,0)'s weights."""
-    model = tiny_model(arch)
-    plant_copy(model, (1, 1), (0, 0))
-    with torch.no_grad():  # make (1,1) a near copy so (2,0)'s best match is (1,1), not (0,0)
+    """(c,0) copies (b,1) which nearly copies (a,0), three layers of one kind: both are replaced and both end up
+    sharing (a,0)'s weights (on alternating sliding / full models the chain runs over layers 0, 2, 4)."""
+    model = tiny_model(arch, num_layers=6)
+    kinds = geometry(model).layer_types
+    a, b, c = [layer for layer in range(6) if kinds[layer] == kinds[0]][:3]
+    plant_copy(model, (b, 1), (a, 0))
+    with torch.no_grad():  # make (b,1) a near copy so (c,0)'s best match is (b,1), not (a,0)
         for p in ("q", "k", "v"):
-            w = getattr(attention(model, 1), f"{p}_proj").weight
+            w = getattr(attention(model, b), f"{p}_proj").weight
             rows = w.shape[0] // 2
             w[rows:] += 0.01 * torch.randn_like(w[rows:])
-    plant_copy(model, (2, 0), (1, 1))
+    plant_copy(model, (c, 0), (b, 1))
     m = best_matches(model)
-    assert (int(m.layer[2, 0]), int(m.unit[2, 0])) == (1, 1) and (int(m.layer[1, 1]), int(m.unit[1, 1])) == (0, 0)
-    plan = ds_plan(model, ratio=0.25)  # N = 2: the two planted units
-    assert plan.pairs == [(1, 1, 0, 0), (2, 0, 0, 0)]
-    assert plan.layers == [0, 1, 2]
+    assert (int(m.layer[c, 0]), int(m.unit[c, 0])) == (b, 1) and (int(m.layer[b, 1]), int(m.unit[b, 1])) == (a, 0)
+    plan = ds_plan(model, ratio=2 / 12)  # N = 2: the two planted units
+    assert plan.pairs == [(b, 1, a, 0), (c, 0, a, 0)]
+    assert plan.layers == [a, b, c]
 
 
 # ------------------------------------------------------------------------------------- the measured planner
@@ -471,3 +480,31 @@ def test_config_for_parameter_saving_meets_the_target_with_the_fewest_units(tmp_
         saved = model.num_parameters() - attnshare.apply(copy.deepcopy(model), plan).num_parameters()
         assert saved == wanted * per_unit >= fraction * model.num_parameters()
     assert ds.config_for_saving(model, "params", 0.9) is None  # more than all units of layers 1..L-1
+
+
+@pytest.mark.parametrize("select", ["cosine", "loss"])
+def test_units_share_only_within_their_attention_kind(select):
+    """On alternating sliding / full layers (different windows and RoPE bases) every root is of its unit's kind;
+    layer 1, the first full layer, has no donor and keeps its units."""
+    model = tiny_model("gemma3_text")
+    geo = geometry(model)
+    plan = get_method("directshare").make_plan(
+        model, DirectShareConfig(ratio=0.5, select=select, **({"loss_tokens": 64} if select == "loss" else {})))
+    assert plan.pairs and all(geo.layer_types[l] == geo.layer_types[rl] for l, _, rl, _ in plan.pairs)
+    assert all(l != 1 for l, *_ in plan.pairs)
+    assert plan.reached["units"] == len(plan.pairs) and plan.reached["of"] == geo.num_layers * units(geo)
+
+
+def test_a_cross_kind_plan_is_refused_in_one_sentence():
+    geo = geometry(tiny_model("gemma3_text"))
+    with pytest.raises(AttnshareError, match=r"same attention kind \(window and RoPE base\)"):
+        DirectSharePlan(pairs=[(1, 0, 0, 0)]).validate(geo)  # layer 1 is full, layer 0 sliding
+
+
+def test_the_summary_says_what_the_plan_reached_next_to_what_was_asked():
+    """Ratio 0.3 of 8 units is floor(2.4) = 2 units: the summary says 25.0% next to the 30.0% asked."""
+    model = tiny_model("llama")  # 4 layers x 2 KV groups
+    plan = ds_plan(model, ratio=0.3)
+    text = plan.summary()
+    assert "2/8 units = 25.0% (asked 30.0%)" in text and "of attention" in text
+    assert DirectSharePlan.from_dict(json.loads(json.dumps(plan.to_dict()))).summary() == text

@@ -32,6 +32,15 @@ def unit_kind(geo: Geometry) -> str:
     return "head" if geo.group_size == 1 else "kv_group"
 
 
+def same_kind_earlier(geo: Geometry) -> torch.Tensor:
+    """(L, L) bool: [l, l'] is True where l' < l and both layers attend alike (same window kind, hence the same
+    RoPE base in every supported family). Weight sharing matches only such layers: a unit's W_q/W_k are fitted to
+    its own layer's positions, and no measurement has shown that crossing kinds is harmless."""
+    kinds = geo.layer_types
+    return torch.tensor([[j < i and kinds[j] == kinds[i] for j in range(geo.num_layers)]
+                         for i in range(geo.num_layers)], dtype=torch.bool)
+
+
 # ------------------------------------------------------------------------------------------- pure slicing
 
 

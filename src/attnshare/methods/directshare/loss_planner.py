@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...analysis.weights import projection_weight, unit_cols, unit_rows, unit_vectors, units
+from ...analysis.weights import projection_weight, same_kind_earlier, unit_cols, unit_rows, unit_vectors, units
 from ...arch import ArchSpec, arch_of, attention, geometry
 from ..sa.planner import PlanProbe
 from .config import DirectShareConfig
@@ -72,22 +72,29 @@ def donor_order(local: dict[Unit, dict[Unit, float]], fallback: dict[Unit, list[
 def assign_donors(chosen: list[Unit], order: dict[Unit, list[Unit]]) -> list[Pair]:
     """Each chosen unit reuses its first donor in ``order`` that stays unreplaced: sorted pairs, no chains.
 
-    Every order ends with all units of layer 0, which is never replaced, so a donor always exists."""
+    Every order holds all units of the first layer of its kind, which has no donor and is never replaced, so a
+    donor always exists."""
     replaced = set(chosen)
     return sorted((*unit, *next(d for d in order[unit] if d not in replaced)) for unit in chosen)
 
 
-def cosine_order(vectors: torch.Tensor) -> dict[Unit, list[Unit]]:
-    """Every unit's earlier units (layers >= 1) by decreasing weight cosine, ties to the lower (layer, unit);
-    vectors (L, U, n)."""
+def cosine_order(vectors: torch.Tensor, allowed: torch.Tensor | None = None) -> dict[Unit, list[Unit]]:
+    """Every unit's earlier units by decreasing weight cosine, ties to the lower (layer, unit); vectors (L, U, n).
+
+    ``allowed`` (L, L) bool limits layer l's donors to the layers l' with ``allowed[l, l']`` (default: all earlier
+    layers); a layer with none has no entry (its units cannot be replaced)."""
     num_layers, num_units, _ = vectors.shape
     flat = torch.nn.functional.normalize(vectors.float(), dim=-1).reshape(num_layers * num_units, -1)  # (L*U, n)
     out: dict[Unit, list[Unit]] = {}
     for layer in range(1, num_layers):
-        sims = flat[layer * num_units : (layer + 1) * num_units] @ flat[: layer * num_units].T  # (U, l*U)
-        order = torch.sort(sims, dim=1, descending=True, stable=True).indices  # (U, l*U)
+        usable = torch.ones(layer, dtype=torch.bool) if allowed is None else allowed[layer, :layer]  # (l,)
+        index = torch.nonzero(usable.repeat_interleave(num_units)).flatten()  # allowed flat unit indices
+        if not len(index):
+            continue
+        sims = flat[layer * num_units : (layer + 1) * num_units] @ flat[index].T  # (U, allowed)
+        order = torch.sort(sims, dim=1, descending=True, stable=True).indices  # (U, allowed)
         for unit in range(num_units):
-            out[(layer, unit)] = [divmod(int(i), num_units) for i in order[unit]]
+            out[(layer, unit)] = [divmod(int(index[i]), num_units) for i in order[unit]]
     return out
 
 
@@ -184,7 +191,7 @@ class UnitCosts:
         self.kinds = ("q", "k", "v", "o") if config.share_o else ("q", "k", "v")
         num_layers = geometry(model).num_layers
         vectors = torch.stack([unit_vectors(model, l, config.match) for l in range(num_layers)])  # (L, U, n)
-        by_cosine = cosine_order(vectors)
+        by_cosine = cosine_order(vectors, same_kind_earlier(geometry(model)))  # donors of the unit's kind only
         self.probe = PlanProbe(model, text=config.calib_text, tokens=HELDOUT_OFFSET,
                                seq_len=heldout_seq_len(model, config.loss_tokens), heldout=config.loss_tokens,
                                progress=progress)

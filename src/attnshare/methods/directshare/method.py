@@ -49,7 +49,7 @@ class DirectShare(SharingMethod):
         for members in groups.values():
             for i, found in zip(members, loss_pairs(model, [configs[i] for i in members])):
                 pairs[i] = found
-        return [self.plan_for(config, found) for config, found in zip(configs, pairs)]
+        return [self.plan_for(model, config, found) for config, found in zip(configs, pairs)]
 
     def config_for_saving(self, model: nn.Module, kind: str, fraction: float) -> DirectShareConfig | None:
         """Parameters only (every layer keeps its own K/V cache): enough replaced units, each saving its q/k/v
@@ -61,10 +61,15 @@ class DirectShare(SharingMethod):
         count = math.ceil(fraction * model.num_parameters() / unit_parameters(model) - 1e-9)
         return DirectShareConfig(ratio=count / total) if 1 <= count <= total - num_units else None
 
-    def plan_for(self, config: DirectShareConfig, pairs: list[Pair]) -> DirectSharePlan:
-        """The plan of ``config`` with the chosen pairs (PostShare adds its training settings)."""
+    def plan_for(self, model: nn.Module, config: DirectShareConfig, pairs: list[Pair]) -> DirectSharePlan:
+        """The plan of ``config`` with the chosen pairs and what they reach on ``model`` (PostShare adds its
+        training settings)."""
+        geo = geometry(model)
+        attn = sum(p.numel() for layer in range(geo.num_layers) for p in attention(model, layer).parameters())
+        reached = {"units": len(pairs), "of": geo.num_layers * units(geo),
+                   "params": len(pairs) * unit_parameters(model, config.share_o), "attention": attn}
         return self.plan_cls(pairs=pairs, match=config.match, share_o=config.share_o, ratio=config.ratio,
-                             select=config.select)
+                             select=config.select, reached=reached)
 
     def trainable_parameters(self, model: nn.Module, plan: DirectSharePlan) -> list[tuple[str, nn.Parameter]]:
         """Healing trains the bank: the unique (and therefore shared) unit slices."""

@@ -1,4 +1,4 @@
-"""DirectShare's planner: every unit's best match among all units of earlier layers, by weight cosine.
+"""DirectShare's planner: every unit's best match among all units of earlier layers of its kind, by weight cosine.
 
 Notation: L layers, U units per layer (heads, or KV groups under GQA), n length of a unit's weight vector.
 """
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...analysis.weights import DEFAULT_MATCH, check_match, unit_kind, unit_vectors
+from ...analysis.weights import DEFAULT_MATCH, check_match, same_kind_earlier, unit_kind, unit_vectors
 from ...arch import geometry
 
 
@@ -43,10 +43,13 @@ class WeightMatches:
                    torch.tensor(data["unit"], dtype=torch.long), data["match"], data["unit_kind"])
 
 
-def best_matches_from_vectors(vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def best_matches_from_vectors(vectors: torch.Tensor, allowed: torch.Tensor | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Best earlier-layer match of every unit from its vectors (L, U, n): score, layer, unit, each (L, U).
 
-    Ties go to the lowest (layer, unit), so the result is deterministic.
+    ``allowed`` (L, L) bool limits layer l's matches to the layers l' with ``allowed[l, l']`` (default: all earlier
+    layers); a layer with none keeps NaN / -1 like layer 0. Ties go to the lowest (layer, unit), so the result is
+    deterministic.
     """
     num_layers, num_units, _ = vectors.shape
     flat = F.normalize(vectors.float(), dim=-1).reshape(num_layers * num_units, -1)  # (L*U, n)
@@ -54,34 +57,40 @@ def best_matches_from_vectors(vectors: torch.Tensor) -> tuple[torch.Tensor, torc
     layer = torch.full((num_layers, num_units), -1, dtype=torch.long)
     unit = torch.full((num_layers, num_units), -1, dtype=torch.long)
     for l in range(1, num_layers):
+        usable = torch.ones(l, dtype=torch.bool) if allowed is None else allowed[l, :l]  # (l,)
+        if not usable.any():
+            continue
         sims = flat[l * num_units : (l + 1) * num_units] @ flat[: l * num_units].T  # (U, l*U)
+        sims = sims.masked_fill(~usable.repeat_interleave(num_units), float("-inf"))
         best, index = sims.max(dim=1)  # (U,)
         score[l], layer[l], unit[l] = best, index // num_units, index % num_units
     return score, layer, unit
 
 
 def best_matches(model: nn.Module, match: str = DEFAULT_MATCH) -> WeightMatches:
-    """For every unit of layer >= 1, its most similar unit (cosine) among all units of all earlier layers."""
+    """For every unit of layer >= 1, its most similar unit (cosine) among all units of the earlier layers of its
+    kind (:func:`~attnshare.analysis.weights.same_kind_earlier`)."""
     check_match(match)
     geo = geometry(model)
     vectors = torch.stack([unit_vectors(model, l, match) for l in range(geo.num_layers)])  # (L, U, n)
-    score, layer, unit = best_matches_from_vectors(vectors)
+    score, layer, unit = best_matches_from_vectors(vectors, same_kind_earlier(geo))
     return WeightMatches(score, layer, unit, match, unit_kind(geo))
 
 
 def match_statistics(matches: WeightMatches) -> dict[str, float]:
     """Summary of best-match scores (median, max, min, mean) and how often the match is the adjacent layer and the
-    same unit index (over units of layers >= 1)."""
+    same unit index (over the units that have a match: layers >= 1 with an earlier layer of their kind)."""
     num_layers, num_units = matches.score.shape
-    score = matches.score[1:].flatten()  # ((L-1)*U,)
-    here = torch.arange(1, num_layers).unsqueeze(1).expand(-1, num_units)  # (L-1, U) own layer
-    own_unit = torch.arange(num_units).expand(num_layers - 1, -1)  # (L-1, U) own unit index
+    here = torch.arange(num_layers).unsqueeze(1).expand(-1, num_units)  # (L, U) own layer
+    own_unit = torch.arange(num_units).expand(num_layers, -1)  # (L, U) own unit index
+    has = matches.layer >= 0  # (L, U)
+    score = matches.score[has]  # (M,)
     return {
         "units": float(score.numel()),
         "median": float(score.median()),
         "mean": float(score.mean()),
         "max": float(score.max()),
         "min": float(score.min()),
-        "adjacent_layer_share": float((matches.layer[1:] == here - 1).float().mean()),
-        "same_unit_share": float((matches.unit[1:] == own_unit).float().mean()),
+        "adjacent_layer_share": float((matches.layer[has] == here[has] - 1).float().mean()),
+        "same_unit_share": float((matches.unit[has] == own_unit[has]).float().mean()),
     }

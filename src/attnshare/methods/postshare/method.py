@@ -225,8 +225,8 @@ class PostShare(DirectShare):
     def config_for_saving(self, model: nn.Module, kind: str, fraction: float) -> None:
         """None: PostShare is a training method (compare its trained artifacts with ``compare --artifacts``)."""
 
-    def plan_for(self, config: PostShareConfig, pairs: list[Pair]) -> PostSharePlan:
-        plan = super().plan_for(config, pairs)
+    def plan_for(self, model: nn.Module, config: PostShareConfig, pairs: list[Pair]) -> PostSharePlan:
+        plan = super().plan_for(model, config, pairs)
         plan.reg_weight, plan.train_scope, plan.data_term = config.reg_weight, config.train_scope, config.data_term
         plan.guard_tokens, plan.calib_text = config.guard_tokens, config.calib_text
         return plan
