@@ -6,7 +6,6 @@ after each measurement; the reference log-probabilities of the unshared model ar
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..arch import decoder_layers, geometry
 from ..errors import AttnshareError
+from ..evaluate.perplexity import ppl_from_nll
 from ..hf_compat import decoder_layer_output
 from ..plan import UNCHANGED, Plan
 from ..sharing.apply import apply, unapply
@@ -78,7 +78,7 @@ def divergence(model: nn.Module, blocks: torch.Tensor, reference: list[Reference
             nll += F.nll_loss(logp, ids[1:], reduction="sum").item()
             kl += ref.kl_sum(logp)
             count += ids.numel() - 1
-    return Divergence(kl / count, math.exp(min(nll / count, 700.0)))  # a broken plan reads as huge, not OverflowError
+    return Divergence(kl / count, ppl_from_nll(nll / count))
 
 
 def plan_divergence(model: nn.Module, plan: Plan | list[Plan], blocks: torch.Tensor, reference: list[Reference],

@@ -55,6 +55,11 @@ def window_nll(model, blocks: torch.Tensor, batch_size: int, progress: bool = Tr
     return total, count
 
 
+def ppl_from_nll(nll: float) -> float:
+    """exp(mean NLL), capped at exp(700) ~ 1e304: a broken model reads as huge, not as an OverflowError."""
+    return math.exp(min(nll, 700.0))
+
+
 def check_context(model, window: int) -> None:
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit and window > limit:
@@ -69,4 +74,4 @@ def perplexity(model, tokenizer, config: PerplexityConfig | None = None, progres
     blocks = token_blocks(ids, config.window)
     total, count = window_nll(model, blocks, config.batch_size, progress)
     nll = total / count
-    return PerplexityResult(math.exp(min(nll, 700.0)), nll, count, blocks.shape[0], config.window, config.text)
+    return PerplexityResult(ppl_from_nll(nll), nll, count, blocks.shape[0], config.window, config.text)
