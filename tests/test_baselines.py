@@ -269,3 +269,13 @@ def test_screened_greedy_measures_only_the_shortlist_on_every_token():
     assert sorted(calls["screen"]) == [(c,) for c in full_kl]
     assert sorted(c for c in calls["full"] if len(c) == 1) == [(1,), (2,), (3,)]  # the screen's best three
     assert steps[0].chosen == [1] and steps[1].chosen == [1, 3]
+
+
+def test_a_target_within_one_percent_of_a_unit_asks_for_that_unit():
+    """--kv-saving 0.0667 on 30 layers is 4.002 of 60 half-layers: 4, as the user means 1/15; 4.02 is 5."""
+    from attnshare.methods.sa import SAConfig
+    from attnshare.methods.sa.planner import sa_budget
+    from attnshare.plan import units_for
+
+    assert units_for(0.0667 * 60) == 4 and units_for(4.0) == 4 and units_for(4.02) == 5 and units_for(3.5) == 4
+    assert sa_budget(SAConfig(kv_saving=0.0667), 30) == 4

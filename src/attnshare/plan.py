@@ -6,6 +6,7 @@ A plan file holds one plan (``{"method": "sa", ...}``) or a list of plans applie
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,6 +40,16 @@ class Plan:
         """The lowest decoder layer this plan changes or reads from (0 unless a plan knows better): below it the
         shared model computes exactly what the base computes, so measurements may reuse the base's activations."""
         return 0
+
+
+UNIT_SLACK = 0.01  # a savings target within 1% of a unit of a whole number of units asks for that number
+
+
+def units_for(units: float) -> int:
+    """Whole units (layers, half-layers of KV cache, sharing units) a savings target of ``units`` asks for: rounded
+    up, except that a target within :data:`UNIT_SLACK` of a unit above a whole number is that number, so
+    ``--kv-saving 0.0667`` on 30 layers (4.002 of 60 half-layers) asks for 4, as the user means 1/15."""
+    return math.ceil(units - UNIT_SLACK)
 
 
 def int_keys(mapping: dict) -> dict[int, Any]:

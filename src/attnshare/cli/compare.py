@@ -18,8 +18,8 @@ def add_parser(sub, name: str) -> None:
         "measure every plan on held-out texts, and write an equal-savings table (compare.md, compare.json) and "
         "Pareto plots (pareto-kv.png, pareto-params.png).",
         epilog="examples:\n"
-        "  attnshare compare --kv-saving 0.067 0.13 0.2 0.33 --out out/compare\n"
-        "  attnshare compare --kv-saving 0.067 0.13 --param-saving 0 --methods sa mix drop layerdrop --out out/kv\n"
+        "  attnshare compare --kv-saving 0.0667 0.1333 0.2 0.3333 --out out/compare\n"
+        "  attnshare compare --kv-saving 0.0667 0.1333 --param-saving 0 --methods sa mix drop layerdrop --out out/kv\n"
         "  attnshare compare --kv-saving 0.2 --artifacts out/lisa53 --out out/with-lisa",
     )
     add_model_args(p)

@@ -19,7 +19,7 @@ def add_parser(sub, name: str) -> None:
         "  attnshare sweep --method directshare --vary ratio --values 0.05 0.1 0.2 0.3 --match qkv\n"
         "  attnshare sweep --method sa --vary budget --values 2 4 --max-tokens 4096 --plot out/sa.png\n"
         "  attnshare sweep --method drop --vary budget --values 1 2 4 --plot out/drop.png       # baseline\n"
-        "  attnshare sweep --method layerdrop --vary kv_saving --values 0.067 0.13 --plot out/layerdrop.png",
+        "  attnshare sweep --method layerdrop --vary kv_saving --values 0.0667 0.1333 --plot out/layerdrop.png",
     )
     add_model_args(p)
     add_method_args(p)

@@ -41,9 +41,9 @@ KINDS = {"kv": "KV cache", "params": "parameters"}
 class CompareConfig:
     """What ``attnshare compare`` measures: methods x savings targets x held-out texts."""
 
-    kv_saving: list[float] = field(default_factory=lambda: [0.067, 0.13, 0.2, 0.33],
+    kv_saving: list[float] = field(default_factory=lambda: [0.0667, 0.1333, 0.2, 0.3333],
                                    metadata={"help": "KV-cache savings targets (fractions)"})
-    param_saving: list[float] = field(default_factory=lambda: [0.067, 0.13, 0.2, 0.33],
+    param_saving: list[float] = field(default_factory=lambda: [0.0667, 0.1333, 0.2, 0.3333],
                                       metadata={"help": "parameter savings targets (fractions; empty with --param-saving 0)"})
     methods: list[str] = field(default_factory=lambda: ["sa", "mix", "directshare", "drop", "layerdrop"],
                                metadata={"help": "methods planned at each target (baselines drop and layerdrop included)"})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 from torch import nn
@@ -11,6 +10,7 @@ from torch import nn
 from ...analysis.weights import projection_weight, unit_cols, unit_rows, units
 from ...arch import arch_of, attention, geometry
 from ...errors import AttnshareError
+from ...plan import units_for
 from ...sharing.state import Applied, SharingState
 from ..base import SharingMethod
 from ..surgery import detach, reattach
@@ -58,7 +58,7 @@ class DirectShare(SharingMethod):
             return None
         geo = geometry(model)
         num_units, total = units(geo), geo.num_layers * units(geo)
-        count = math.ceil(fraction * model.num_parameters() / unit_parameters(model) - 1e-9)
+        count = units_for(fraction * model.num_parameters() / unit_parameters(model))
         return DirectShareConfig(ratio=count / total) if 1 <= count <= total - num_units else None
 
     def plan_for(self, model: nn.Module, config: DirectShareConfig, pairs: list[Pair]) -> DirectSharePlan:

@@ -5,7 +5,6 @@ asks for, and which, by greedy selection on measured KL or by one pass of block 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 
 import torch
@@ -16,7 +15,7 @@ from ...analysis.collect import calibration_blocks
 from ...analysis.sensitivity import Divergence, Probe, greedy_select, hidden_input, run_hooked
 from ...arch import attention, decoder_layers, geometry
 from ...errors import AttnshareError
-from ...plan import Plan
+from ...plan import Plan, units_for
 from .config import RemovalConfig
 
 log = logging.getLogger(__name__)
@@ -28,9 +27,9 @@ def removal_count(config: RemovalConfig, num_layers: int, layer_params: int, tot
     if config.budget:
         count = config.budget
     elif config.kv_saving:
-        count = math.ceil(config.kv_saving * num_layers - 1e-9)
+        count = units_for(config.kv_saving * num_layers)
     elif config.param_saving:
-        count = math.ceil(config.param_saving * total_params / layer_params - 1e-9)
+        count = units_for(config.param_saving * total_params / layer_params)
     else:
         raise AttnshareError("Give --layers, --budget N, --kv-saving F or --param-saving F to choose what to remove.")
     if not 1 <= count <= num_layers - 1:

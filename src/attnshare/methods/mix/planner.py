@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ...analysis.sensitivity import Divergence
 from ...arch import attention_parameters, geometry, qk_parameters
 from ...errors import AttnshareError
+from ...plan import units_for
 from ..sa.plan import nearest_donors
 from ..sa.planner import PlanProbe
 from .config import MixConfig
@@ -38,7 +39,7 @@ def budget_gains(model: nn.Module, config: MixConfig) -> tuple[float, Callable[[
     geo = geometry(model)
     if config.kv_saving:
         units = {"sa": 1, "drop": 2}  # of 2L half-layers of KV cache
-        return math.ceil(config.kv_saving * 2 * geo.num_layers - 1e-9), lambda layer, action: units[action]
+        return units_for(config.kv_saving * 2 * geo.num_layers), lambda layer, action: units[action]
     def params(layer: int, action: str) -> float:
         return attention_parameters(model, layer) if action == "drop" else qk_parameters(model, layer)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from torch import nn
 
@@ -11,6 +10,7 @@ from ...analysis.heads import head_maps_for
 from ...arch import REPLACE_ATTENTION, arch_of, attention, geometry, qk_parameters, require, set_attention
 from ...attention.dispatch import Publisher, clear_hook, install, set_hook
 from ...errors import AttnshareError
+from ...plan import units_for
 from ...sharing.state import Applied, SharingState
 from ..base import SharingMethod
 from ..surgery import detach, reattach
@@ -42,10 +42,10 @@ class SA(SharingMethod):
         """Aligned receivers: each saves 1/(2L) of the KV cache, or its q/k parameters."""
         geo = geometry(model)
         if kind == "kv":
-            count = math.ceil(fraction * 2 * geo.num_layers - 1e-9)
+            count = units_for(fraction * 2 * geo.num_layers)
         else:
             qk = min(qk_parameters(model, layer) for layer in range(geo.num_layers))
-            count = math.ceil(fraction * model.num_parameters() / qk - 1e-9)
+            count = units_for(fraction * model.num_parameters() / qk)
         return SAConfig(budget=count, align_heads=True) if 1 <= count <= geo.num_layers - 1 else None
 
     def make_plans(self, model: nn.Module, configs: list[SAConfig]) -> list[SAPlan]:

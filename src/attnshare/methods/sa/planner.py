@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 
 import torch
 from torch import nn
@@ -20,6 +19,7 @@ from ...analysis.sensitivity import Divergence, Probe, greedy_select
 from ...analysis.stats import Pair
 from ...arch import geometry
 from ...errors import AttnshareError
+from ...plan import units_for
 from .config import SAConfig
 from .plan import SAPlan, nearest_donors
 
@@ -90,7 +90,7 @@ class PlanProbe(Probe):
 
 def sa_budget(config: SAConfig, num_layers: int) -> int:
     """Receivers the config asks for: ``budget`` layers, or enough to save ``kv_saving`` of the KV cache."""
-    count = config.budget if config.budget else math.ceil(config.kv_saving * 2 * num_layers - 1e-9)
+    count = config.budget if config.budget else units_for(config.kv_saving * 2 * num_layers)
     if not 1 <= count <= num_layers - 1:
         raise AttnshareError(
             f"An SA budget of {count} receivers is out of range for a {num_layers}-layer model; ask for "
