@@ -35,6 +35,7 @@ from ...arch import ArchSpec, arch_of, attention, geometry
 from ..sa.planner import PlanProbe
 from .config import DirectShareConfig
 from .plan import DirectSharePlan, Pair, num_replaced
+from .planner import earlier_similarities
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +88,11 @@ def cosine_order(vectors: torch.Tensor, allowed: torch.Tensor | None = None) -> 
     flat = torch.nn.functional.normalize(vectors.float(), dim=-1).reshape(num_layers * num_units, -1)  # (L*U, n)
     out: dict[Unit, list[Unit]] = {}
     for layer in range(1, num_layers):
-        usable = torch.ones(layer, dtype=torch.bool) if allowed is None else allowed[layer, :layer]  # (l,)
-        index = torch.nonzero(usable.repeat_interleave(num_units)).flatten()  # allowed flat unit indices
-        if not len(index):
+        found = earlier_similarities(flat, layer, num_units, allowed)
+        if found is None:
             continue
-        sims = flat[layer * num_units : (layer + 1) * num_units] @ flat[index].T  # (U, allowed)
-        order = torch.sort(sims, dim=1, descending=True, stable=True).indices  # (U, allowed)
+        sims, index = found  # (U, M), (M,)
+        order = torch.sort(sims, dim=1, descending=True, stable=True).indices  # (U, M)
         for unit in range(num_units):
             out[(layer, unit)] = [divmod(int(index[i]), num_units) for i in order[unit]]
     return out

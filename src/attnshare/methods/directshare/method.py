@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ...analysis.weights import projection_weight, unit_cols, unit_rows, units
-from ...arch import arch_of, attention, geometry
+from ...arch import arch_of, attention, attention_parameters, geometry
 from ...errors import AttnshareError
 from ...plan import units_for
 from ...sharing.state import Applied, SharingState
@@ -65,7 +65,7 @@ class DirectShare(SharingMethod):
         """The plan of ``config`` with the chosen pairs and what they reach on ``model`` (PostShare adds its
         training settings)."""
         geo = geometry(model)
-        attn = sum(p.numel() for layer in range(geo.num_layers) for p in attention(model, layer).parameters())
+        attn = sum(attention_parameters(model, layer) for layer in range(geo.num_layers))
         reached = {"units": len(pairs), "of": geo.num_layers * units(geo),
                    "params": len(pairs) * unit_parameters(model, config.share_o), "attention": attn}
         return self.plan_cls(pairs=pairs, match=config.match, share_o=config.share_o, ratio=config.ratio,

@@ -43,6 +43,18 @@ class WeightMatches:
                    torch.tensor(data["unit"], dtype=torch.long), data["match"], data["unit_kind"])
 
 
+def earlier_similarities(flat: torch.Tensor, layer: int, num_units: int, allowed: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Cosines of layer ``layer``'s units with the units of the earlier layers ``allowed[layer]`` permits (default:
+    all): flat (L*U, n) normalised unit vectors -> sims (U, M) and the flat indices (M,) of those M units; None
+    where no earlier layer is allowed."""
+    usable = torch.ones(layer, dtype=torch.bool) if allowed is None else allowed[layer, :layer]  # (l,)
+    index = torch.nonzero(usable.repeat_interleave(num_units)).flatten()  # (M,)
+    if not len(index):
+        return None
+    return flat[layer * num_units : (layer + 1) * num_units] @ flat[index].T, index  # (U, M), (M,)
+
+
 def best_matches_from_vectors(vectors: torch.Tensor, allowed: torch.Tensor | None = None
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Best earlier-layer match of every unit from its vectors (L, U, n): score, layer, unit, each (L, U).
@@ -57,13 +69,12 @@ def best_matches_from_vectors(vectors: torch.Tensor, allowed: torch.Tensor | Non
     layer = torch.full((num_layers, num_units), -1, dtype=torch.long)
     unit = torch.full((num_layers, num_units), -1, dtype=torch.long)
     for l in range(1, num_layers):
-        usable = torch.ones(l, dtype=torch.bool) if allowed is None else allowed[l, :l]  # (l,)
-        if not usable.any():
+        found = earlier_similarities(flat, l, num_units, allowed)
+        if found is None:
             continue
-        sims = flat[l * num_units : (l + 1) * num_units] @ flat[: l * num_units].T  # (U, l*U)
-        sims = sims.masked_fill(~usable.repeat_interleave(num_units), float("-inf"))
-        best, index = sims.max(dim=1)  # (U,)
-        score[l], layer[l], unit[l] = best, index // num_units, index % num_units
+        sims, index = found
+        best, at = sims.max(dim=1)  # (U,)
+        score[l], layer[l], unit[l] = best, index[at] // num_units, index[at] % num_units
     return score, layer, unit
 
 
