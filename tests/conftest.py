@@ -55,6 +55,16 @@ def tiny_model(arch: str, num_layers: int = 4, seed: int = 0, attn_implementatio
     return model.eval()
 
 
+@pytest.fixture(autouse=True)
+def float32_measurements(monkeypatch):
+    """Planners measure in float32 on every test machine: on tiny random models a plan's KL (~1e-7) is the size of
+    bf16 rounding, so "auto" would make plans depend on whether the CPU has native bf16. A test that wants bf16
+    sets it explicitly (or patches this back)."""
+    from attnshare.analysis import sensitivity
+
+    monkeypatch.setattr(sensitivity, "fast_bfloat16", lambda device: False)
+
+
 @pytest.fixture(params=ARCH_NAMES)
 def arch(request) -> str:
     return request.param

@@ -198,6 +198,7 @@ def test_sa_budget_out_of_range(config, message):
     ({"kv_saving": 0.6}, "kv-saving"),
     ({"budget": 2, "kv_saving": 0.1}, "not both"),
     ({"budget": 2, "screen_tokens": 1}, "--screen-tokens must be 0"),
+    ({"budget": 2, "measure_precision": "fp16"}, "--measure-precision must be auto or"),
 ])
 def test_sa_config_rejects_bad_budgets(config, message):
     with pytest.raises(AttnshareError, match=message):

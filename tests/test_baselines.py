@@ -249,6 +249,34 @@ def test_probe_screen_equals_a_probe_on_those_tokens(heldout, screen):
     assert Probe(model, tokens=64, seq_len=32, heldout=32, screen=32).screen is None  # nothing cheaper to screen on
 
 
+def test_bfloat16_measurement_rounds_the_forward_only(monkeypatch):
+    """bf16 autocast of a float32 model's candidate forwards: the reference stays float32, a plan's KL moves by
+    rounding only (a neutral plan's KL is rounding alone); float32, a bf16 model, or "auto" without native bf16
+    run the forward unchanged."""
+    from contextlib import nullcontext
+
+    from attnshare.analysis import sensitivity
+    from attnshare.analysis.sensitivity import Probe, measurement_precision
+
+    model = tiny_model("llama", num_layers=6)
+    assert measurement_precision("float32", model) is nullcontext
+    assert measurement_precision("bfloat16", tiny_model("llama").to(torch.bfloat16)) is nullcontext
+    monkeypatch.setattr(sensitivity, "fast_bfloat16", lambda device: False)
+    assert measurement_precision("auto", model) is nullcontext
+    monkeypatch.setattr(sensitivity, "fast_bfloat16", lambda device: True)
+    assert measurement_precision("auto", model) is not nullcontext
+    with pytest.raises(AttnshareError, match="Unknown measurement precision"):
+        measurement_precision("fp8", model)
+
+    exact = Probe(model, tokens=64, seq_len=32, heldout=64)
+    rounded = Probe(model, tokens=64, seq_len=32, heldout=64, precision="bfloat16")
+    assert all(r.logp.dtype == torch.float32 for r in rounded.reference)
+    assert torch.equal(rounded.reference[0].logp, exact.reference[0].logp)
+    neutral = DropPlan(layers=[])
+    assert exact.measure(neutral).kl == pytest.approx(0.0, abs=1e-9)
+    assert 0.0 < rounded.measure(neutral).kl < 1e-3  # the forward really ran in bf16, and only rounded
+
+
 def test_screened_greedy_measures_only_the_shortlist_on_every_token():
     """Every candidate is screened, the shortlist re-measured; the choice follows the full measurements."""
     from attnshare.analysis.sensitivity import Divergence, greedy_select

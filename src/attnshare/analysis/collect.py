@@ -130,6 +130,10 @@ def record_attention(model: nn.Module, sink: Callable[[int, torch.Tensor], None]
         uninstall(model)
 
 
+# Arithmetic of the candidate forwards a planner measures (see sensitivity.measurement_precision).
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
 @dataclass
 class CalibrationConfig:
     """Calibration knobs every measuring planner shares (mixed into the methods' configs, so the flags are one)."""
@@ -144,6 +148,11 @@ class CalibrationConfig:
         default=128, metadata={"help": "planners first measure every candidate alone on this many held-out tokens, "
                                        "then the shortlist on all of them (0: all of them from the start)"}
     )
+    measure_precision: str = field(
+        default="auto", metadata={"help": "arithmetic of the candidate forwards planners measure (the base's reference "
+                                          "stays float32); auto: bfloat16 autocast where the device multiplies bf16 "
+                                          "natively, else float32", "choices": list(PRECISIONS)}
+    )
     shortlist: int = field(
         default=0, metadata={"help": "candidates kept for greedy selection after single measurement (0: budget + 8)"}
     )
@@ -157,3 +166,6 @@ class CalibrationConfig:
             raise AttnshareError("Calibration and held-out token counts and the sequence length must be at least 2.")
         if self.screen_tokens == 1 or self.screen_tokens < 0:
             raise AttnshareError(f"--screen-tokens must be 0 (off) or at least 2; got {self.screen_tokens}.")
+        if self.measure_precision not in PRECISIONS:
+            raise AttnshareError(f"--measure-precision must be {' or '.join(PRECISIONS)}; "
+                                 f"got {self.measure_precision!r}.")

@@ -7,7 +7,7 @@ after each measurement; the reference log-probabilities of the unshared model ar
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +21,7 @@ from ..evaluate.perplexity import ppl_from_nll
 from ..hf_compat import decoder_layer_output
 from ..plan import UNCHANGED, Plan
 from ..sharing.apply import apply, unapply
-from .collect import calibration_blocks, check_base_model, model_tokenizer
+from .collect import PRECISIONS, calibration_blocks, check_base_model, model_tokenizer
 
 
 @dataclass
@@ -56,6 +56,29 @@ class Reference:
         return torch.dot(self.probs.flatten(), gap.flatten()).item()
 
 
+def fast_bfloat16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices natively (CUDA with bf16, or a CPU with AVX512-BF16 / AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        supported = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+        return bool(supported and supported())
+    return False
+
+
+def measurement_precision(precision: str, model: nn.Module) -> Callable[[], object]:
+    """A context factory for the candidate forwards of a probe: bf16 autocast ("bfloat16", or "auto" on a device
+    with native bf16 matmuls) of a float32 model, else nothing. Reference distributions stay float32, so a plan's
+    KL differs from the float32 one by the rounding of its forward only."""
+    if precision not in PRECISIONS:
+        raise AttnshareError(f"Unknown measurement precision {precision!r}; use one of {', '.join(PRECISIONS)}.")
+    param = next(model.parameters())
+    if param.dtype != torch.float32 or precision == "float32" or (
+            precision == "auto" and not fast_bfloat16(param.device)):
+        return nullcontext
+    return lambda: torch.autocast(param.device.type, dtype=torch.bfloat16)
+
+
 def block_logprobs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Next-token log-probabilities of one block: ids (T,) -> (T-1, V) float32 on the CPU."""
     device = next(model.parameters()).device
@@ -69,10 +92,12 @@ def forward_reference(model: nn.Module, blocks: torch.Tensor) -> list[Reference]
         return [Reference.of(block_logprobs(model, ids)) for ids in blocks]
 
 
-def divergence(model: nn.Module, blocks: torch.Tensor, reference: list[Reference]) -> Divergence:
-    """KL from ``reference`` (the base model's distributions on ``blocks``) to ``model``'s, and ``model``'s ppl."""
+def divergence(model: nn.Module, blocks: torch.Tensor, reference: list[Reference],
+               precision: Callable[[], object] = nullcontext) -> Divergence:
+    """KL from ``reference`` (the base model's distributions on ``blocks``) to ``model``'s, and ``model``'s ppl;
+    ``model``'s forwards run inside ``precision()`` (see :func:`measurement_precision`)."""
     kl, nll, count = 0.0, 0.0, 0
-    with torch.inference_mode():
+    with torch.inference_mode(), precision():
         for ids, ref in zip(blocks, reference):
             logp = block_logprobs(model, ids)  # (T-1, V)
             nll += F.nll_loss(logp, ids[1:], reduction="sum").item()
@@ -82,7 +107,8 @@ def divergence(model: nn.Module, blocks: torch.Tensor, reference: list[Reference
 
 
 def plan_divergence(model: nn.Module, plan: Plan | list[Plan], blocks: torch.Tensor, reference: list[Reference],
-                    prefix: list[torch.Tensor] | None = None) -> Divergence:
+                    prefix: list[torch.Tensor] | None = None,
+                    precision: Callable[[], object] = nullcontext) -> Divergence:
     """Apply ``plan`` to the (base) ``model``, measure :func:`divergence`, and undo it (the model ends unchanged).
 
     ``prefix[l]`` (N,T,D), the base model's input to decoder layer l on ``blocks``, lets the layers below the plan's
@@ -93,7 +119,7 @@ def plan_divergence(model: nn.Module, plan: Plan | list[Plan], blocks: torch.Ten
     apply(model, plans, keep_originals=True)
     try:
         with replayed_prefix(model, prefix, first):
-            return divergence(model, blocks, reference)
+            return divergence(model, blocks, reference, precision)
     finally:
         unapply(model)
 
@@ -180,12 +206,14 @@ class Probe:
     The held-out tokens follow the first ``tokens`` calibration tokens of ``text`` (never an evaluation text).
     ``screen`` > 0 (and fewer than the held-out tokens) adds a cheaper measurement on the first ``screen`` of them
     (``measure(..., screen=True)``; whole blocks only once it spans more than one), for a first pass over many
-    candidates.
+    candidates. ``precision`` (see :func:`measurement_precision`) is the arithmetic of the candidate forwards.
     """
 
     def __init__(self, model: nn.Module, *, text: str = "plays", tokens: int = 1024, seq_len: int = 512,
-                 heldout: int = 512, screen: int = 0, progress: bool = False, tokenizer=None) -> None:
+                 heldout: int = 512, screen: int = 0, precision: str = "float32", progress: bool = False,
+                 tokenizer=None) -> None:
         check_base_model(model)
+        self.precision = measurement_precision(precision, model)
         self.model, self.text, self.tokens, self.seq_len, self.progress = model, text, tokens, seq_len, progress
         self.tokenizer = tokenizer if tokenizer is not None else model_tokenizer(model)
         self.geo = geometry(model)
@@ -202,7 +230,7 @@ class Probe:
         self.measured += 1
         blocks, reference, prefix = (self.screen if screen and self.screen else
                                      (self.heldout, self.reference, self.prefix))
-        return plan_divergence(self.model, plans, blocks, reference, prefix)
+        return plan_divergence(self.model, plans, blocks, reference, prefix, self.precision)
 
     def screener(self, measure: Callable[[list, bool], Divergence]) -> Callable[[list], Divergence] | None:
         """``measure(items, screen)`` as the screening measurement :func:`greedy_select` takes, if there is one."""

@@ -59,7 +59,8 @@ def plan_mix_curve(model: nn.Module, config: MixConfig, targets: list[float], *,
     geo = geometry(model)
     _, gain = budget_gains(model, config)
     probe = PlanProbe(model, text=config.calib_text, tokens=config.calib_tokens, seq_len=config.calib_seq_len,
-                      heldout=config.heldout_tokens, screen=config.screen_tokens, progress=progress)
+                      heldout=config.heldout_tokens, screen=config.screen_tokens,
+                      precision=config.measure_precision, progress=progress)
 
     def make(assign: Assignment) -> MixPlan | None:
         drop = frozenset(layer for layer, a in assign.items() if a == "drop")

@@ -120,7 +120,8 @@ def plan_sa_curve(model: nn.Module, config: SAConfig, budgets: list[int], *,
         sa_budget(SAConfig(budget=budget), geo.num_layers)  # range check
     top = max(budgets)
     probe = PlanProbe(model, text=config.calib_text, tokens=config.calib_tokens, seq_len=config.calib_seq_len,
-                      heldout=config.heldout_tokens, screen=config.screen_tokens, progress=progress)
+                      heldout=config.heldout_tokens, screen=config.screen_tokens,
+                      precision=config.measure_precision, progress=progress)
     candidates = probe.valid_receivers([])
     if len(candidates) < top:
         raise AttnshareError(
