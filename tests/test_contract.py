@@ -157,27 +157,39 @@ def drop_and_sa_delta(dims: Dims, plans: list[Plan]) -> int:
     return drop_delta(dims, plans) + stored_weights_delta(dims, parts(plans))
 
 
+def head_roots(plan: DirectSharePlan, G: int) -> tuple[dict, dict]:
+    """A DirectShare plan as per-head maps: (layer, query head) -> root query head, (layer, KV head) -> root KV
+    head. A KV-group pair moves its G query heads and its KV head; split plans list both kinds of pairs."""
+    if plan.granularity == "split":
+        return {(l, h): (rl, rh) for l, h, rl, rh in plan.q_pairs}, {(l, g): (rl, rg) for l, g, rl, rg in plan.pairs}
+    q = {(l, u * G + i): (rl, ru * G + i) for l, u, rl, ru in plan.pairs for i in range(G)}
+    return q, {(l, u): (rl, ru) for l, u, rl, ru in plan.pairs}
+
+
 def stored_weights_delta(dims: Dims, plans: list[Plan]) -> int:
     """Weight sharing (DirectShare/PostShare pairs) and SA receivers, alone or composed: every q/k/v (and, with
-    share_o, o) unit slice is stored once, and a slice nothing reads any more is gone.
+    share_o, o) head slice is stored once, and a slice nothing reads any more is gone.
 
-    A replaced unit stores none of its slices (they are its root's); an SA receiver reads no q/k, so a q/k slice
-    survives only if a non-receiver layer's unit uses it (its own, or as root); receivers also lose their q/k norms.
+    A replaced head stores none of its shared slices (they are its root's); an SA receiver reads no q/k, so a q/k
+    slice survives only if a non-receiver layer uses it (its own, or as root); receivers also lose their q/k norms.
     """
-    pairs = [pair for p in plans if isinstance(p, DirectSharePlan) for pair in p.pairs]
-    share_o = any(p.share_o for p in plans if isinstance(p, DirectSharePlan))
+    q_root, kv_root, share_o = {}, {}, False
+    for p in plans:
+        if isinstance(p, DirectSharePlan):
+            q_root, kv_root = head_roots(p, dims.G)
+            share_o = p.share_o
     receivers = {r for p in plans if isinstance(p, SAPlan) for r in p.donors}
-    roots = {(l, u): (rl, ru) for l, u, rl, ru in pairs}
-    q_rows, kv_rows = dims.G * dims.d, dims.d
-    unit_v = kv_rows * (dims.D + dims.qkv_bias)
-    unit_qk = (q_rows + kv_rows) * (dims.D + dims.qkv_bias)
-    unit_o = dims.D * q_rows if share_o else 0
-    all_units = [(l, u) for l in range(dims.L) for u in range(dims.U)]
-    stored = set(all_units) - set(roots)
-    read_qk = {roots.get(lu, lu) for lu in all_units if lu[0] not in receivers}
-    base = len(all_units) * (unit_qk + unit_v + unit_o)
-    after = len(stored) * (unit_v + unit_o) + len(read_qk) * unit_qk
-    return after - base - len(receivers) * dims.qk_norm_params
+    row = dims.d * (dims.D + dims.qkv_bias)  # one head's rows (and biases) of q, k or v
+    q_heads = [(l, h) for l in range(dims.L) for h in range(dims.H)]
+    kv_heads = [(l, g) for l in range(dims.L) for g in range(dims.Hkv)]
+    read_q = {q_root.get(lh, lh) for lh in q_heads if lh[0] not in receivers}
+    read_k = {kv_root.get(lg, lg) for lg in kv_heads if lg[0] not in receivers}
+    stored_v = set(kv_heads) - set(kv_root)
+    stored_o = set(q_heads) - set(q_root) if share_o else set(q_heads)
+    o_cols = dims.D * dims.d  # one head's o columns (o's bias belongs to the layer)
+    before = (len(q_heads) + 2 * len(kv_heads)) * row + len(q_heads) * o_cols
+    after = (len(read_q) + len(read_k) + len(stored_v)) * row + len(stored_o) * o_cols
+    return after - before - len(receivers) * dims.qk_norm_params
 
 
 def lisa_delta(dims: Dims, plans: list[Plan]) -> int:
@@ -291,6 +303,8 @@ METHODS = [
           lisa_key_widths, lisa_delta, perturb_lisa, lisa_tensors),
     Entry("directshare", directshare(match="qkv", share_o=True), directshare(ratio=0.0), no_key_change,
           stored_weights_delta),
+    Entry("directshare_split", directshare(granularity="split", share_o=True),
+          directshare(ratio=0.0, granularity="split"), no_key_change, stored_weights_delta),
     Entry("postshare", postshare(), postshare(ratio=0.0), no_key_change, stored_weights_delta),
     Entry("directshare+sa", then(directshare(share_o=True), sa()), then(directshare(ratio=0.0), lambda m: [SAPlan()]),
           sa_key_widths, stored_weights_delta),

@@ -270,11 +270,57 @@ def test_cosine_option_gives_the_papers_plan(arch):
     assert DirectShareConfig().select == "loss"
 
 
+def test_split_units_fill_the_parameter_budget_with_query_and_kv_heads(tmp_path):
+    """granularity="split": query heads (W_q) and KV heads (W_k/W_v) are units of their own; a plan frees exactly
+    the ratio's share of the q/k/v parameters; its summary says what each kind reached; it round-trips."""
+    from attnshare.methods import get_method
+    from attnshare.methods.directshare import DirectShareConfig, DirectSharePlan
+    from attnshare.methods.directshare.plan import KV, QUERY, part_parameters
+
+    model, _ = loaded_tiny(tmp_path)  # 4 layers, H=4, Hkv=2, d=16, D=64
+    geo = geometry(model)
+    q_size, kv_size = part_parameters(model, QUERY), part_parameters(model, KV)
+    assert (q_size, kv_size) == (16 * 64, 2 * 16 * 64)
+    for ratio in (0.25, 0.5):
+        plan = get_method("directshare").make_plan(model, DirectShareConfig(ratio=ratio, granularity="split",
+                                                                            **SMALL_LOSS))
+        plan.validate(geo)
+        budget = int(ratio * 4 * (4 * q_size + 2 * kv_size))  # the ratio of all q/k/v parameters
+        saved = model.num_parameters() - attnshare.apply(copy.deepcopy(model), plan).num_parameters()
+        assert saved == len(plan.q_pairs) * q_size + len(plan.pairs) * kv_size == budget == plan.reached["params"]
+        assert all(0 <= u < 4 for _, u, _, _ in plan.q_pairs) and all(0 <= u < 2 for _, u, _, _ in plan.pairs)
+        assert f"{len(plan.pairs)} KV heads + {len(plan.q_pairs)} query heads share" in plan.summary()
+        assert f"{budget:,} parameters = {ratio:.1%} of q/k/v (asked {ratio:.1%})" in plan.summary()
+        assert DirectSharePlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    group = get_method("directshare").make_plan(model, DirectShareConfig(ratio=0.25, **SMALL_LOSS))
+    assert "granularity" not in group.to_dict() and group.q_pairs == []  # KV-group plans read as before
+
+
+def test_split_units_reuse_a_planted_query_head(tmp_path):
+    """One query head made an exact copy of an earlier one costs nothing: the split planner shares exactly it."""
+    from attnshare.methods import get_method
+    from attnshare.methods.directshare import DirectShareConfig
+
+    model, _ = loaded_tiny(tmp_path)
+    d = geometry(model).head_dim
+    with torch.no_grad():
+        for layer in range(4):  # sharper attention, so that which query head a layer reads matters at random init
+            attention(model, layer).q_proj.weight.mul_(8.0)
+        q = {layer: attention(model, layer).q_proj.weight for layer in (1, 3)}
+        q[3][2 * d:3 * d] = q[1][0:d]  # query head 2 of layer 3 := query head 0 of layer 1
+    plan = get_method("directshare").make_plan(model, DirectShareConfig(ratio=1 / 32, granularity="split",
+                                                                        **SMALL_LOSS))
+    assert plan.q_pairs == [(3, 2, 1, 0)] and plan.pairs == []
+
+
 @pytest.mark.parametrize("kw, message", [
     ({"select": "best"}, "--select must be one of loss, cosine"),
     ({"loss_tokens": 1}, "--loss-tokens must be a whole number of at least 2"),
     ({"greedy": -1}, "--donor-pool and --greedy must be zero or positive"),
     ({"calib_text": "britannica"}, "'britannica' is an evaluation text"),
+    ({"granularity": "head"}, "--granularity must be group or split"),
+    ({"granularity": "split", "select": "cosine"}, "--granularity split needs --select loss"),
+    ({"granularity": "split", "greedy": 2}, "--greedy confirms KV-group units"),
 ])
 def test_bad_loss_planner_settings_are_one_sentence(kw, message):
     from attnshare.methods.directshare import DirectShareConfig
@@ -342,6 +388,56 @@ def test_shared_units_are_stored_once_and_compute_the_copied_model(arch, share_o
     assert getattr(model, BANK).q.shape[0] == len(plan.layers) * 2 - 4
     torch.testing.assert_close(logits(model, ids), logits(ref, ids), rtol=1e-5, atol=1e-6)
     assert best_matches(model).layer.shape == (6, 2)  # similarity still reads the gathered weights
+
+
+def test_split_units_are_stored_once_and_compute_the_copied_model(arch, tmp_path):
+    """Split plans free exactly their query heads' W_q rows and KV heads' W_k/W_v rows (and, with share_o, the
+    query heads' o columns), memory included, and compute what a model with those slices copied computes."""
+    from helpers import logits, random_ids
+
+    from attnshare.methods.directshare import DirectShareConfig
+
+    model = tiny_model(arch, num_layers=6)
+    geo = geometry(model)
+    d = geo.head_dim
+    plan = get_method("directshare").make_plan(model, DirectShareConfig(ratio=0.3, granularity="split", share_o=True,
+                                                                        **SMALL_LOSS))
+    assert plan.q_pairs and plan.pairs
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for kinds, pairs in ((("q", "o"), plan.q_pairs), (("k", "v"), plan.pairs)):
+            for layer, unit, root_layer, root_unit in pairs:
+                dst, src = attention(ref, layer), attention(ref, root_layer)
+                for kind in kinds:
+                    w_dst, w_src = getattr(dst, f"{kind}_proj").weight, getattr(src, f"{kind}_proj").weight
+                    if kind == "o":
+                        w_dst[:, unit * d:(unit + 1) * d] = w_src[:, root_unit * d:(root_unit + 1) * d]
+                        continue
+                    w_dst[unit * d:(unit + 1) * d] = w_src[root_unit * d:(root_unit + 1) * d]
+                    b_dst, b_src = getattr(dst, f"{kind}_proj").bias, getattr(src, f"{kind}_proj").bias
+                    if b_dst is not None:
+                        b_dst[unit * d:(unit + 1) * d] = b_src[root_unit * d:(root_unit + 1) * d]
+    params = model.num_parameters()
+    attnshare.apply(model, plan)
+    tensors = {p.untyped_storage().data_ptr(): p for p in model.parameters()}.values()
+    assert sum(p.untyped_storage().nbytes() for p in tensors) == model.num_parameters() * 4 == (
+        params - plan.reached["params"]) * 4
+    ids = random_ids(2, 20)
+    torch.testing.assert_close(logits(model, ids), logits(ref, ids), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_split_plans_are_one_sentence():
+    from attnshare.methods.directshare import DirectSharePlan
+
+    geo = geometry(tiny_model("llama"))  # H=4, Hkv=2
+    for plan, message in [
+        (DirectSharePlan(granularity="heads"), "Unknown DirectShare granularity 'heads'"),
+        (DirectSharePlan(q_pairs=[(1, 0, 0, 0)]), "has no query-head pairs"),
+        (DirectSharePlan(granularity="split", q_pairs=[(1, 4, 0, 0)]), "out of range for a model with 4 query-head units per layer"),
+        (DirectSharePlan(granularity="split", pairs=[(1, 2, 0, 0)]), "out of range for a model with 2 KV-head units per layer"),
+    ]:
+        with pytest.raises(AttnshareError, match=message):
+            plan.validate(geo)
 
 
 # ------------------------------------------------------------------------------------------------- bad input
@@ -462,13 +558,13 @@ def test_runs_of_consecutive_bank_rows():
 def test_config_for_parameter_saving_meets_the_target_with_the_fewest_units(tmp_path):
     """compare's equal-savings entry: the fewest replaced units that save the fraction; no KV saving to offer."""
     from attnshare.methods import get_method
-    from attnshare.methods.directshare.method import unit_parameters
+    from attnshare.methods.directshare.plan import GROUP, part_parameters
 
     model, _ = loaded_tiny(tmp_path)
     ds = get_method("directshare")
     assert ds.config_for_saving(model, "kv", 0.1) is None  # every layer keeps its own K and V
     assert get_method("postshare").config_for_saving(model, "params", 0.01) is None  # needs training
-    per_unit = unit_parameters(model)
+    per_unit = part_parameters(model, GROUP)
     attn = attention(model, 0)
     assert per_unit == sum(getattr(attn, n).weight.numel() for n in ("q_proj", "k_proj", "v_proj")) // units(
         geometry(model))

@@ -14,6 +14,7 @@ from attnshare.arch import attention, geometry
 from attnshare.errors import AttnshareError
 from attnshare.methods import get_method
 from attnshare.methods.directshare import BANK
+from attnshare.methods.directshare.plan import GROUP
 from attnshare.methods.postshare import PostShareConfig, PostSharePlan, pair_regulariser, pair_slices
 from attnshare.sharing.state import state_of
 from attnshare.training import TrainConfig
@@ -233,7 +234,7 @@ def test_pairs_scope_trains_only_the_paired_slices(text):
     attnshare.train(model, CharTokenizer(), plan, cfg(text, max_steps=3))
     params = dict(model.named_parameters())
     bank = params[f"{BANK}.q"]  # (N, r, D): unique units of the changed layers, in (layer, unit) order
-    roots = plan.roots
+    roots = plan.roots_of(GROUP)
     unique = [(l, u) for l in plan.layers for u in range(2) if (l, u) not in roots]
     paired = {(l, u) for l, u, _, _ in plan.pairs} | set(roots.values())
     for row, (layer, unit) in enumerate(unique):
@@ -267,8 +268,8 @@ def test_tied_scope_shares_first_then_trains_only_the_shared_slices(text, tmp_pa
     assert result.steps == 3 and "reg" not in result.metrics  # tied pairs share their slices: R is 0
     assert params_before - model.num_parameters() == 2 * ((2 * 16 + 2 * 16) * 64 + 2 * 16 + 2 * 16)
     params = dict(model.named_parameters())
-    roots = set(plan.roots.values())
-    for (layer, unit), row in bank_rows(plan, 2).items():
+    roots = set(plan.roots_of(GROUP).values())
+    for (layer, unit), row in bank_rows(plan, GROUP, geometry(model)).items():
         for kind in "qkv":
             original = unit_slice(base[f"model.layers.{layer}.self_attn.{kind}_proj.weight"], kind, 2, unit)
             assert torch.equal(params[f"{BANK}.{kind}"][row], original) == ((layer, unit) not in roots), (layer, unit)

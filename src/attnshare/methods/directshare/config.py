@@ -34,6 +34,13 @@ class DirectShareConfig:
         metadata={"help": f"weight slices compared by cosine (select=cosine; with loss only the order of unmeasured "
                           f"donors): {', '.join(MATCH_FUNCTIONS)}"},
     )
+    granularity: str = field(
+        default="group",
+        metadata={"help": "what one unit is: group (a KV group: its query heads' W_q with the KV head's W_k/W_v) or "
+                          "split (each query head's W_q and each KV head's W_k/W_v are units of their own; "
+                          "select=loss; the ratio is then a fraction of the q/k/v parameters)",
+                  "choices": ["group", "split"]},
+    )
     share_o: bool = field(default=False, metadata={"help": "also share the unit's o_proj columns (the reference code does)"})
     calib_text: str = field(
         default="plays", metadata={"help": "calibration text for planners (never an evaluation text)"}
@@ -57,6 +64,13 @@ class DirectShareConfig:
         check_match(self.match)
         if self.select not in SELECT_RULES:
             raise AttnshareError(f"--select must be one of {', '.join(SELECT_RULES)}, got {self.select!r}.")
+        if self.granularity not in ("group", "split"):
+            raise AttnshareError(f"--granularity must be group or split, got {self.granularity!r}.")
+        if self.granularity == "split" and self.select == "cosine":
+            raise AttnshareError("--granularity split needs --select loss: the cosine rule (the paper's) ranks whole "
+                                 "KV-group units.")
+        if self.granularity == "split" and self.greedy:
+            raise AttnshareError("--greedy confirms KV-group units one at a time; use it with --granularity group.")
         check_calibration_text(self.calib_text)
         if not (isinstance(self.loss_tokens, int) and self.loss_tokens >= 2):
             raise AttnshareError(f"--loss-tokens must be a whole number of at least 2 tokens, got {self.loss_tokens!r}.")

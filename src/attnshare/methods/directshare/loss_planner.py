@@ -34,12 +34,13 @@ from ...analysis.weights import projection_weight, same_kind_earlier, unit_cols,
 from ...arch import ArchSpec, arch_of, attention, geometry
 from ..sa.planner import PlanProbe
 from .config import DirectShareConfig
-from .plan import DirectSharePlan, Pair, num_replaced
+from .plan import GRANULARITIES, GROUP, DirectSharePlan, Pair, Part, part_kinds, part_parameters, replaced_budget
 from .planner import earlier_similarities
 
 log = logging.getLogger(__name__)
 
 Unit = tuple[int, int]  # (layer, unit)
+Key = tuple[str, int, int]  # (part name, layer, unit)
 
 HELDOUT_OFFSET = 1024  # held-out tokens follow the first 1024 calibration tokens (as for SA, LiSA, the analysis)
 SEQ_LEN = 256  # tokens per held-out block (shorter for models with a shorter context)
@@ -118,10 +119,12 @@ def attention_inputs(model: nn.Module, blocks: torch.Tensor) -> dict[int, tuple[
     return captured
 
 
-def unit_tensors(model: nn.Module, unit: Unit, kinds: tuple[str, ...], spec: ArchSpec) -> list[torch.Tensor]:
-    """Views of one unit's slices: q/k/v rows (r, D), their biases (r,), o columns (D, r) when "o" is in kinds."""
+def unit_tensors(model: nn.Module, unit: Unit, kinds: tuple[str, ...], spec: ArchSpec,
+                 num_units: int | None = None) -> list[torch.Tensor]:
+    """Views of one unit's slices, the layer split into ``num_units`` units (default: one per KV head): q/k/v rows
+    (r, D), their biases (r,), o columns (D, r) when "o" is in kinds."""
     layer, index = unit
-    num_units = units(geometry(model))
+    num_units = num_units or units(geometry(model))
     out = []
     for kind in kinds:
         weight = projection_weight(model, layer, kind, spec)
@@ -136,10 +139,12 @@ def unit_tensors(model: nn.Module, unit: Unit, kinds: tuple[str, ...], spec: Arc
 
 
 @contextmanager
-def unit_replaced(model: nn.Module, unit: Unit, donor: Unit, kinds: tuple[str, ...], spec: ArchSpec) -> Iterator[None]:
-    """While active, ``unit``'s slices hold ``donor``'s values (written in place, restored on exit)."""
-    targets = unit_tensors(model, unit, kinds, spec)
-    sources = unit_tensors(model, donor, kinds, spec)
+def units_replaced(model: nn.Module, assign: dict[Unit, Unit], kinds: tuple[str, ...], spec: ArchSpec,
+                   num_units: int | None = None) -> Iterator[None]:
+    """While active, every unit of ``assign`` holds its donor's slices (written in place, restored on exit); donors
+    are never replaced units themselves."""
+    targets = [t for unit in assign for t in unit_tensors(model, unit, kinds, spec, num_units)]
+    sources = [t for donor in assign.values() for t in unit_tensors(model, donor, kinds, spec, num_units)]
     saved = [t.detach().clone() for t in targets]
     with torch.no_grad():
         for t, s in zip(targets, sources):
@@ -152,24 +157,60 @@ def unit_replaced(model: nn.Module, unit: Unit, donor: Unit, kinds: tuple[str, .
                 t.copy_(s)
 
 
+def unit_replaced(model: nn.Module, unit: Unit, donor: Unit, kinds: tuple[str, ...], spec: ArchSpec,
+                  num_units: int | None = None):
+    """:func:`units_replaced` for one unit."""
+    return units_replaced(model, {unit: donor}, kinds, spec, num_units)
+
+
+def output_columns(part: Part, geo, unit: int) -> slice:
+    """The columns of o_proj's input (the concatenated head outputs, H*d) that one ``part`` unit changes: its query
+    head's d, or its KV head's G query heads' G*d."""
+    width = geo.head_dim * (1 if part.per_query_head else geo.group_size)
+    return slice(unit * width, (unit + 1) * width)
+
+
+def contribution(heads: torch.Tensor, o_weight: torch.Tensor, cols: slice) -> torch.Tensor:
+    """One unit's share of the attention output: heads (N, T, H*d), o_weight (D, H*d) -> (N, T, D)."""
+    return heads[..., cols] @ o_weight[:, cols].T
+
+
 def local_changes(model: nn.Module, inputs: dict[int, tuple[tuple, dict]], candidates: dict[Unit, list[Unit]],
-                  kinds: tuple[str, ...], progress: bool = False) -> dict[Unit, dict[Unit, float]]:
-    """For every unit and each of its candidate donors, the relative change of its layer's attention output."""
-    spec = arch_of(model)
-    out: dict[Unit, dict[Unit, float]] = {}
-    bar = tqdm(total=sum(len(c) for c in candidates.values()), desc="DirectShare donors (local)", unit="pair",
-               disable=not progress, leave=False)
+                  part: Part, kinds: tuple[str, ...], progress: bool = False) -> dict[Unit, dict[Unit, float]]:
+    """For every ``part`` unit and each of its candidate donors, the relative change of its layer's attention output.
+
+    A unit's slices reach only its own columns of o_proj's input (its heads' outputs) and, sharing o, its own
+    columns of W_o, so the change of the output is the change of the unit's contribution. Each attention call
+    therefore measures every unit of the layer at once, each with its next candidate (U pairs per call)."""
+    spec, geo = arch_of(model), geometry(model)
+    num_units = part.units(geo)
+    out: dict[Unit, dict[Unit, float]] = {unit: {} for unit in candidates}
+    bar = tqdm(total=sum(len(c) for c in candidates.values()), desc=f"DirectShare donors (local, {part.name})",
+               unit="pair", disable=not progress, leave=False)
+    heads: list[torch.Tensor] = []  # o_proj's input (N, T, H*d) of the last call
     with torch.no_grad():
         for layer in sorted({layer for layer, _ in candidates}):
             module = attention(model, layer)
-            args, kwargs = inputs[layer]
-            base = module(*args, **kwargs)[0]  # (N, T, D)
-            for unit in sorted(u for u in candidates if u[0] == layer):
-                out[unit] = {}
-                for donor in candidates[unit]:
-                    with unit_replaced(model, unit, donor, kinds, spec):
-                        out[unit][donor] = relative_change(module(*args, **kwargs)[0], base)
-                    bar.update()
+            o_proj = getattr(module, spec.o)
+            heads.clear()
+            hook = o_proj.register_forward_pre_hook(lambda _module, inputs: heads.append(inputs[0]))
+            try:
+                args, kwargs = inputs[layer]
+                norm = module(*args, **kwargs)[0].float().pow(2).sum().clamp_min(1e-30)  # ||out||^2
+                mine = sorted(u for u in candidates if u[0] == layer)
+                cols = {unit: output_columns(part, geo, unit[1]) for unit in mine}
+                base = {unit: contribution(heads[-1], o_proj.weight, cols[unit]) for unit in mine}  # (N, T, D)
+                for step in range(max(len(candidates[unit]) for unit in mine)):
+                    assign = {unit: candidates[unit][step] for unit in mine if step < len(candidates[unit])}
+                    with units_replaced(model, assign, kinds, spec, num_units):
+                        module(*args, **kwargs)
+                        for unit, donor in assign.items():
+                            delta = contribution(heads[-1], o_proj.weight, cols[unit]) - base[unit]
+                            out[unit][donor] = float(delta.float().pow(2).sum() / norm)
+                    heads.clear()
+                    bar.update(len(assign))
+            finally:
+                hook.remove()
     bar.close()
     return out
 
@@ -183,71 +224,106 @@ def heldout_seq_len(model: nn.Module, tokens: int) -> int:
     return max(2, min(SEQ_LEN, tokens, limit))
 
 
+def part_vectors(model: nn.Module, layer: int, part: Part, match: str) -> torch.Tensor:
+    """Each ``part`` unit's flattened weights for the cosine order of unmeasured donors: (U, n). KV-group units
+    use the ``match`` function (as the cosine rule does); finer units their own slices."""
+    if part is GROUP:
+        return unit_vectors(model, layer, match)
+    num_units = part.units(geometry(model))
+    return torch.cat([unit_rows(projection_weight(model, layer, k), num_units).flatten(1) for k in part.kinds],
+                     dim=1).detach().float()  # (U, sum of r*D)
+
+
 class UnitCosts:
-    """Measured costs of replacing each unit on one model: local donor changes, then single-unit KL."""
+    """Measured costs of replacing each unit of each part on one model: local donor changes, then single-unit KL.
+
+    Units are keyed (part name, layer, unit)."""
 
     def __init__(self, model: nn.Module, config: DirectShareConfig, *, progress: bool = True) -> None:
         self.config, self.progress = config, progress
-        self.kinds = ("q", "k", "v", "o") if config.share_o else ("q", "k", "v")
-        num_layers = geometry(model).num_layers
-        vectors = torch.stack([unit_vectors(model, l, config.match) for l in range(num_layers)])  # (L, U, n)
-        by_cosine = cosine_order(vectors, same_kind_earlier(geometry(model)))  # donors of the unit's kind only
+        geo = geometry(model)
+        self.parts = GRANULARITIES[config.granularity]
+        self.sizes = {part: part_parameters(model, part, config.share_o) for part in self.parts}
         self.probe = PlanProbe(model, text=config.calib_text, tokens=HELDOUT_OFFSET,
                                seq_len=heldout_seq_len(model, config.loss_tokens), heldout=config.loss_tokens,
                                progress=progress)
-        pool = config.donor_pool or None
-        searched = {unit: order[:pool] for unit, order in by_cosine.items()}
         inputs = attention_inputs(model, self.probe.heldout[:, :LOCAL_TOKENS])
-        self.local = local_changes(model, inputs, searched, self.kinds, progress)
+        allowed = same_kind_earlier(geo)  # donors of the unit's kind only
+        self.local: dict[str, dict[Unit, dict[Unit, float]]] = {}
+        self.order: dict[str, dict[Unit, list[Unit]]] = {}
+        for part in self.parts:
+            vectors = torch.stack([part_vectors(model, l, part, config.match) for l in range(geo.num_layers)])
+            by_cosine = cosine_order(vectors, allowed)  # (L, U, n) -> donors by cosine
+            searched = {unit: order[: config.donor_pool or None] for unit, order in by_cosine.items()}
+            kinds = part_kinds(part, config.share_o)
+            self.local[part.name] = local_changes(model, inputs, searched, part, kinds, progress)
+            self.order[part.name] = donor_order(self.local[part.name], by_cosine)
         del inputs
-        self.order = donor_order(self.local, by_cosine)
         self.single = self._single_unit()
         log.info("DirectShare single-unit KL on %d held-out tokens: %s", self.probe.heldout.numel(),
-                 {f"{l}.{u}": round(kl, 4) for (l, u), kl in sorted(self.single.items())})
+                 {f"{name}.{l}.{u}": round(kl, 4) for (name, l, u), kl in sorted(self.single.items())})
 
-    def plan(self, chosen: list[Unit]) -> DirectSharePlan:
-        return DirectSharePlan(pairs=assign_donors(chosen, self.order), match=self.config.match,
-                               share_o=self.config.share_o)
+    def plan(self, chosen: list[Key]) -> DirectSharePlan:
+        shared = {part.name: assign_donors([(l, u) for name, l, u in chosen if name == part.name],
+                                           self.order[part.name]) for part in self.parts}
+        return DirectSharePlan(**DirectSharePlan.lists(shared), granularity=self.config.granularity,
+                               match=self.config.match, share_o=self.config.share_o)
 
-    def _single_unit(self) -> dict[Unit, float]:
-        candidates = sorted(self.order)
-        bar = tqdm(candidates, desc="DirectShare units (KL)", unit="unit", disable=not self.progress, leave=False)
-        return {unit: self.probe.measure(self.plan([unit])).kl for unit in bar}
+    def _single_unit(self) -> dict[Key, float]:
+        keys = [(part.name, *unit) for part in self.parts for unit in sorted(self.order[part.name])]
+        bar = tqdm(keys, desc="DirectShare units (KL)", unit="unit", disable=not self.progress, leave=False)
+        return {key: self.probe.measure(self.plan([key])).kl for key in bar}
 
-    def selections(self, counts: list[int]) -> dict[int, list[Unit]]:
-        """The chosen units for each count: the lowest single-unit KLs, or greedy selection (nested prefixes)."""
-        ranked = lowest(self.single)
+    def size(self, key: Key) -> int:
+        return next(size for part, size in self.sizes.items() if part.name == key[0])
+
+    def selections(self, budgets: list[int]) -> dict[int, list[Key]]:
+        """The chosen units for each parameter budget: the lowest single-unit KLs per parameter that fit (for
+        KV-group units, the budget's count of lowest KLs), or greedy selection (nested prefixes, KV-group units)."""
+        ranked = sorted(self.single, key=lambda key: (self.single[key] / self.size(key), key))
         window = self.config.greedy
         if not window:
-            return {count: ranked[:count] for count in counts}
-        top = max(counts)
-        chosen: list[Unit] = []
-        out = {0: []} if 0 in counts else {}
-        steps = tqdm(range(top), desc="DirectShare greedy selection", unit="unit", disable=not self.progress,
-                     leave=False)
+            return {budget: fitting(ranked, self.size, budget) for budget in budgets}
+        counts = {budget // self.size(ranked[0]): budget for budget in budgets} if ranked else {0: 0}
+        chosen: list[Key] = []
+        out = {budget: [] for count, budget in counts.items() if not count}
+        steps = tqdm(range(max(counts)), desc="DirectShare greedy selection", unit="unit",
+                     disable=not self.progress, leave=False)
         for _ in steps:
-            options = [unit for unit in ranked if unit not in chosen][:window]
-            trials = {unit: self.probe.measure(self.plan([*chosen, unit])).kl for unit in options}
-            chosen.append(min(options, key=lambda unit: (trials[unit], unit)))
+            options = [key for key in ranked if key not in chosen][:window]
+            trials = {key: self.probe.measure(self.plan([*chosen, key])).kl for key in options}
+            chosen.append(min(options, key=lambda key: (trials[key], key)))
             if len(chosen) in counts:
-                out[len(chosen)] = list(chosen)
+                out[counts[len(chosen)]] = list(chosen)
         return out
 
 
-def loss_pairs(model: nn.Module, configs: list[DirectShareConfig], *, progress: bool = True) -> list[list[Pair]]:
-    """Pairs for each config (same planner settings, any ratios) from ONE measurement run (see module doc)."""
-    geo = geometry(model)
-    num_units = units(geo)
-    counts = [num_replaced(c.ratio, geo.num_layers, num_units) for c in configs]
-    if not any(counts):  # nothing to replace (ratio 0, or a one-layer model): nothing to measure
-        return [[] for _ in configs]
-    costs = UnitCosts(model, configs[0], progress=progress)
-    chosen = costs.selections(sorted(set(counts)))
-    plans = {count: costs.plan(chosen[count]) if count else DirectSharePlan() for count in set(counts)}
-    for count, plan in sorted(plans.items()):
-        if count:
-            score = costs.probe.measure(plan)
-            log.info("DirectShare (loss) %d units: KL %.4f, held-out ppl %.3f", count, score.kl, score.ppl)
-    log.info("DirectShare planning measured %d plans", costs.probe.measured)
-    return [plans[count].pairs for count in counts]
+def fitting(ranked: list[Key], size, budget: int) -> list[Key]:
+    """Walk ``ranked`` and keep every unit that still fits in ``budget`` parameters."""
+    chosen, used = [], 0
+    for key in ranked:
+        if used + size(key) <= budget:
+            chosen.append(key)
+            used += size(key)
+    return chosen
 
+
+def loss_pairs(model: nn.Module, configs: list[DirectShareConfig], *,
+               progress: bool = True) -> list[dict[str, list[Pair]]]:
+    """Pairs of each part (by part name) for each config (same planner settings, any ratios) from ONE measurement
+    run (see module doc)."""
+    geo = geometry(model)
+    parts = GRANULARITIES[configs[0].granularity]
+    sizes = {part: part_parameters(model, part, configs[0].share_o) for part in parts}
+    budgets = [replaced_budget(c.ratio, geo, sizes) for c in configs]
+    if not any(budgets):  # nothing to replace (ratio 0, or a one-layer model): nothing to measure
+        return [{} for _ in configs]
+    costs = UnitCosts(model, configs[0], progress=progress)
+    chosen = costs.selections(sorted(set(budgets)))
+    plans = {budget: costs.plan(chosen[budget]) for budget in set(budgets)}
+    for budget, plan in sorted(plans.items()):
+        if plan.num_pairs:
+            score = costs.probe.measure(plan)
+            log.info("DirectShare (loss) %s: KL %.4f, held-out ppl %.3f", plan.summary(), score.kl, score.ppl)
+    log.info("DirectShare planning measured %d plans", costs.probe.measured)
+    return [{part.name: pairs for part, pairs in plans[budget].parts()} for budget in budgets]

@@ -7,8 +7,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from ...analysis.weights import projection_weight, unit_cols, unit_rows, units
-from ...arch import arch_of, attention, attention_parameters, geometry
+from ...analysis.weights import projection_weight, unit_cols, unit_rows
+from ...arch import Geometry, arch_of, attention, attention_parameters, geometry
 from ...errors import AttnshareError
 from ...plan import units_for
 from ...sharing.state import Applied, SharingState
@@ -17,7 +17,7 @@ from ..surgery import detach, reattach
 from .config import DirectShareConfig
 from .loss_planner import loss_pairs
 from .modules import ROW_KINDS, GatheredLinear, UnitBank, compact
-from .plan import DirectSharePlan, Pair, select_pairs
+from .plan import GRANULARITIES, GROUP, DirectSharePlan, Pair, Part, grains, part_parameters, select_pairs
 from .planner import best_matches
 
 BANK = "attnshare_unit_bank"  # attribute of the causal LM holding the UnitBank
@@ -38,57 +38,66 @@ class DirectShare(SharingMethod):
 
     def make_plans(self, model: nn.Module, configs: list[DirectShareConfig]) -> list[DirectSharePlan]:
         """Plans for several configs; loss-selected ones that differ only in ratio share one measurement run."""
-        pairs: list[list[Pair] | None] = [None] * len(configs)
+        shared: list[dict[str, list[Pair]] | None] = [None] * len(configs)
         groups: dict[str, list[int]] = {}
         for i, config in enumerate(configs):
             matches = best_matches(model, config.match)  # data-free; also refuses a model without projections
             if config.select == "cosine":
-                pairs[i] = select_pairs(matches, config.ratio)
+                shared[i] = {GROUP.name: select_pairs(matches, config.ratio)}
             else:
                 groups.setdefault(repr(dataclasses.replace(config, ratio=0.0)), []).append(i)
         for members in groups.values():
             for i, found in zip(members, loss_pairs(model, [configs[i] for i in members])):
-                pairs[i] = found
-        return [self.plan_for(model, config, found) for config, found in zip(configs, pairs)]
+                shared[i] = found
+        return [self.plan_for(model, config, found) for config, found in zip(configs, shared)]
 
     def config_for_saving(self, model: nn.Module, kind: str, fraction: float) -> DirectShareConfig | None:
-        """Parameters only (every layer keeps its own K/V cache): enough replaced units, each saving its q/k/v
-        slices and biases, to save ``fraction`` of the model's parameters, units chosen by measured loss."""
+        """Parameters only (every layer keeps its own K/V cache): enough replaced units (of the default
+        granularity), each saving its slices and biases, to save ``fraction`` of the model's parameters, units
+        chosen by measured loss."""
         if kind != "params":
             return None
-        geo = geometry(model)
-        num_units, total = units(geo), geo.num_layers * units(geo)
-        count = units_for(fraction * model.num_parameters() / unit_parameters(model))
-        return DirectShareConfig(ratio=count / total) if 1 <= count <= total - num_units else None
+        geo, config = geometry(model), DirectShareConfig()
+        sizes = {part: part_parameters(model, part) for part in GRANULARITIES[config.granularity]}
+        grain, per_layer = grains(sizes, geo)
+        count, total = units_for(fraction * model.num_parameters() / grain), geo.num_layers * per_layer
+        return dataclasses.replace(config, ratio=count / total) if 1 <= count <= total - per_layer else None
 
-    def plan_for(self, model: nn.Module, config: DirectShareConfig, pairs: list[Pair]) -> DirectSharePlan:
-        """The plan of ``config`` with the chosen pairs and what they reach on ``model`` (PostShare adds its
-        training settings)."""
+    def plan_for(self, model: nn.Module, config: DirectShareConfig, shared: dict[str, list[Pair]]) -> DirectSharePlan:
+        """The plan of ``config`` with the chosen pairs of each part (by part name) and what they reach on
+        ``model`` (PostShare adds its training settings)."""
         geo = geometry(model)
+        parts = GRANULARITIES[config.granularity]
         attn = sum(attention_parameters(model, layer) for layer in range(geo.num_layers))
-        reached = {"units": len(pairs), "of": geo.num_layers * units(geo),
-                   "params": len(pairs) * unit_parameters(model, config.share_o), "attention": attn}
-        return self.plan_cls(pairs=pairs, match=config.match, share_o=config.share_o, ratio=config.ratio,
-                             select=config.select, reached=reached)
+        reached = {"units": sum(len(shared.get(p.name, [])) for p in parts),
+                   "of": geo.num_layers * sum(p.units(geo) for p in parts),
+                   "params": sum(len(shared.get(p.name, [])) * part_parameters(model, p, config.share_o)
+                                 for p in parts), "attention": attn}
+        if config.granularity != "group":  # units of unequal size: the ratio is a fraction of these parameters
+            reached["shareable"] = geo.num_layers * sum(p.units(geo) * part_parameters(model, p, config.share_o)
+                                                        for p in parts)
+        return self.plan_cls(**DirectSharePlan.lists(shared), granularity=config.granularity, match=config.match,
+                             share_o=config.share_o, ratio=config.ratio, select=config.select, reached=reached)
 
     def trainable_parameters(self, model: nn.Module, plan: DirectSharePlan) -> list[tuple[str, nn.Parameter]]:
         """Healing trains the bank: the unique (and therefore shared) unit slices."""
         return [(n, p) for n, p in model.named_parameters() if n.startswith(BANK + ".")]
 
     def apply(self, model: nn.Module, plan: DirectSharePlan, state: SharingState, applied: Applied) -> None:
-        if not plan.pairs:
+        if not plan.num_pairs:
             return
         if hasattr(model, BANK):
             raise AttnshareError("Weight sharing is already applied to this model; unapply it before sharing again.")
         spec, geo = arch_of(model), geometry(model)
-        num_units = units(geo)
         kinds = list(ROW_KINDS) + (["o"] if plan.share_o else [])
-        roots = plan.roots
         weights = {(l, k): projection_weight(model, l, k, spec) for l in plan.layers for k in kinds}  # checks first
-        rows = bank_rows(plan, num_units)  # unique unit -> bank row
-        index = {l: [rows[roots.get((l, u), (l, u))] for u in range(num_units)] for l in plan.layers}
+        index: dict[tuple[int, str], list[int]] = {}  # (layer, kind) -> bank row of each of its units
         bank_w, bank_b = {}, {}
         for k in kinds:
+            part = plan.part_of(k)
+            num_units, roots = part.units(geo), plan.roots_of(part)
+            rows = bank_rows(plan, part, geo)  # unique unit -> bank row
+            index.update({(l, k): [rows[roots.get((l, u), (l, u))] for u in range(num_units)] for l in plan.layers})
             slices = [unit_slice(weights[l, k], k, num_units, u) for l, u in rows]
             bank_w[k] = stack_copy(slices, dim=0 if k in ROW_KINDS else 1)  # q/k/v (N, r, D); o (D, N, r)
             biases = [getattr(getattr(attention(model, l), getattr(spec, k)), "bias", None) for l, _ in rows]
@@ -102,8 +111,8 @@ class DirectShare(SharingMethod):
             for k in kinds:
                 base = getattr(attn, getattr(spec, k))
                 own_bias = base.bias.detach().clone() if k == "o" and base.bias is not None else None
-                modules[getattr(spec, k)] = GatheredLinear(bank, k, index[layer], base.in_features, base.out_features,
-                                                           own_bias)
+                modules[getattr(spec, k)] = GatheredLinear(bank, k, index[layer, k], base.in_features,
+                                                           base.out_features, own_bias)
             detached = detach(attn, f"{spec.layers}.{layer}.{spec.attn}", list(modules), keep=state.keep_originals)
             for name, module in modules.items():
                 setattr(attn, name, module)
@@ -125,20 +134,10 @@ class DirectShare(SharingMethod):
             compact(bank, [m for m in model.modules() if isinstance(m, GatheredLinear) and m.bank is bank])
 
 
-def unit_parameters(model: nn.Module, share_o: bool = False) -> int:
-    """Parameters one replaced unit of layer 0 frees: its q/k/v rows and biases (and o columns with ``share_o``)."""
-    spec, num_units = arch_of(model), units(geometry(model))
-    attn = attention(model, 0)
-    kinds = list(ROW_KINDS) + (["o"] if share_o else [])
-    modules = [getattr(attn, getattr(spec, k)) for k in kinds]
-    return sum(m.weight.numel() + (m.bias.numel() if m.bias is not None and k != "o" else 0)
-               for k, m in zip(kinds, modules)) // num_units
-
-
-def bank_rows(plan: DirectSharePlan, num_units: int) -> dict[tuple[int, int], int]:
-    """Bank row of every unique (unreplaced) unit of the plan's layers, in (layer, unit) order."""
-    roots = plan.roots
-    unique = [(l, u) for l in plan.layers for u in range(num_units) if (l, u) not in roots]
+def bank_rows(plan: DirectSharePlan, part: Part, geo: Geometry) -> dict[tuple[int, int], int]:
+    """Bank row of every unique (unreplaced) ``part`` unit of the plan's layers, in (layer, unit) order."""
+    roots = plan.roots_of(part)
+    unique = [(l, u) for l in plan.layers for u in range(part.units(geo)) if (l, u) not in roots]
     return {lu: i for i, lu in enumerate(unique)}
 
 

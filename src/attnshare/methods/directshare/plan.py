@@ -2,16 +2,42 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...analysis.weights import check_match, units
-from ...arch import Geometry
+from torch import nn
+
+from ...analysis.weights import check_match
+from ...arch import Geometry, arch_of, attention, geometry
 from ...errors import AttnshareError
 from ...plan import Plan, check_layer
 from .planner import WeightMatches
 
 Pair = tuple[int, int, int, int]  # (layer, unit, root layer, root unit)
+
+
+@dataclass(frozen=True)
+class Part:
+    """What one kind of unit shares: the unit slices of ``kinds`` (o's columns join the part holding q when the plan
+    shares o), with ``per_query_head`` units per layer (H) or one per KV head (Hkv: a KV group under GQA)."""
+
+    name: str
+    kinds: tuple[str, ...]
+    per_query_head: bool = False
+    noun: str = "units"  # what messages call its units
+
+    def units(self, geo: Geometry) -> int:
+        return geo.num_heads if self.per_query_head else geo.num_kv_heads
+
+    def shares(self, kind: str) -> bool:
+        return kind in self.kinds or (kind == "o" and "q" in self.kinds)
+
+
+GROUP = Part("group", ("q", "k", "v"))  # a KV group: its G query heads' W_q rows and its W_k/W_v rows, together
+QUERY = Part("query", ("q",), per_query_head=True, noun="query-head units")  # one query head's W_q rows
+KV = Part("kv", ("k", "v"), noun="KV-head units")  # one KV head's W_k/W_v rows
+GRANULARITIES: dict[str, tuple[Part, ...]] = {"group": (GROUP,), "split": (KV, QUERY)}  # the plan's pair lists, in order
 
 
 @dataclass
@@ -20,6 +46,8 @@ class DirectSharePlan(Plan):
 
     pairs: list[Pair] = field(default_factory=list)  # sorted; every root is an unreplaced unit of an earlier layer
     match: str = "qk"
+    granularity: str = "group"  # "group": pairs are KV-group units; "split": pairs are KV heads, q_pairs query heads
+    q_pairs: list[Pair] = field(default_factory=list)  # "split" only: query heads reusing an earlier query head's W_q
     share_o: bool = False
     ratio: float | None = None  # the ratio the planner was asked for (informational)
     select: str | None = None  # how the planner chose the pairs: "loss" or "cosine" (informational)
@@ -29,71 +57,152 @@ class DirectSharePlan(Plan):
 
     def validate(self, geo: Geometry) -> None:
         check_match(self.match)
-        num_units = units(geo)
-        replaced = {(layer, unit) for layer, unit, _, _ in self.pairs}
-        if len(replaced) != len(self.pairs):
-            raise AttnshareError("The DirectShare plan replaces a unit twice; make the plan again with `attnshare plan`.")
-        for layer, unit, root_layer, root_unit in self.pairs:
-            check_layer(layer, geo, "replaced")
-            check_layer(root_layer, geo, "root")
-            if not (0 <= unit < num_units and 0 <= root_unit < num_units):
-                raise AttnshareError(
-                    f"The plan names unit {max(unit, root_unit)}, out of range for a model with {num_units} units per "
-                    f"layer (units 0..{num_units - 1}); make the plan for this model."
-                )
-            if root_layer >= layer:
-                raise AttnshareError(
-                    f"Unit {unit} of layer {layer} cannot reuse layer {root_layer}: a root must be in an earlier layer."
-                )
-            if geo.layer_types[root_layer] != geo.layer_types[layer]:
-                raise AttnshareError(
-                    f"Unit {unit} of layer {layer} ({geo.layer_types[layer]}) cannot reuse layer {root_layer} "
-                    f"({geo.layer_types[root_layer]}): weights are shared only between layers of the same attention "
-                    "kind (window and RoPE base); make the plan again with `attnshare plan`."
-                )
-            if (root_layer, root_unit) in replaced:
-                raise AttnshareError(
-                    f"Unit {root_unit} of layer {root_layer} is replaced itself, so it cannot be the root of unit {unit} "
-                    f"of layer {layer}; resolve chains to their roots."
-                )
+        if self.granularity not in GRANULARITIES:
+            raise AttnshareError(f"Unknown DirectShare granularity {self.granularity!r}; the plan must name one of "
+                                 f"{', '.join(GRANULARITIES)}.")
+        if self.granularity == "group" and self.q_pairs:
+            raise AttnshareError("A DirectShare plan of KV-group units has no query-head pairs; make the plan again "
+                                 "with `attnshare plan`.")
+        for part, pairs in self.parts():
+            check_pairs(part, pairs, geo)
+
+    def parts(self) -> list[tuple[Part, list[Pair]]]:
+        """Each kind of unit the plan shares, with its pairs."""
+        lists = {"group": self.pairs, "kv": self.pairs, "query": self.q_pairs}
+        return [(part, lists[part.name]) for part in GRANULARITIES[self.granularity]]
+
+    def part_of(self, kind: str) -> Part:
+        """The part that shares projection ``kind`` (q, k, v, or o with share_o)."""
+        return next(part for part in GRANULARITIES[self.granularity] if part.shares(kind))
 
     @property
-    def roots(self) -> dict[tuple[int, int], tuple[int, int]]:
-        return {(l, u): (rl, ru) for l, u, rl, ru in self.pairs}
+    def num_pairs(self) -> int:
+        return len(self.pairs) + len(self.q_pairs)
+
+    def roots_of(self, part: Part) -> dict[tuple[int, int], tuple[int, int]]:
+        return {(l, u): (rl, ru) for l, u, rl, ru in dict(self.parts())[part]}
 
     @property
     def layers(self) -> list[int]:
         """Layers whose projections change: those with a replaced unit or a root."""
-        return sorted({p[0] for p in self.pairs} | {p[2] for p in self.pairs})
+        pairs = self.pairs + self.q_pairs
+        return sorted({p[0] for p in pairs} | {p[2] for p in pairs})
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, "match": self.match, "share_o": self.share_o, "ratio": self.ratio,
-                "select": self.select, "reached": self.reached, "pairs": [list(p) for p in self.pairs]}
+        out = {"method": self.method, "match": self.match, "share_o": self.share_o, "ratio": self.ratio,
+               "select": self.select, "reached": self.reached, "pairs": [list(p) for p in self.pairs]}
+        if self.granularity != "group":  # plans of KV-group units read as before
+            out.update(granularity=self.granularity, q_pairs=[list(p) for p in self.q_pairs])
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DirectSharePlan:
-        pairs = [tuple(int(x) for x in p) for p in data.get("pairs", [])]
-        if any(len(p) != 4 for p in pairs):
-            raise ValueError("each pair must be [layer, unit, root layer, root unit]")
+        pairs, q_pairs = (read_pairs(data.get(key, [])) for key in ("pairs", "q_pairs"))
         ratio, select, reached = data.get("ratio"), data.get("select"), data.get("reached")
-        return cls(pairs=sorted(pairs), match=str(data.get("match", "qk")), share_o=bool(data.get("share_o", False)),
+        return cls(pairs=pairs, match=str(data.get("match", "qk")), share_o=bool(data.get("share_o", False)),
+                   granularity=str(data.get("granularity", "group")), q_pairs=q_pairs,
                    ratio=None if ratio is None else float(ratio), select=None if select is None else str(select),
                    reached=None if reached is None else {str(k): int(v) for k, v in reached.items()})
 
+    @staticmethod
+    def lists(shared: dict[str, list[Pair]]) -> dict[str, list[Pair]]:
+        """Plan fields of the pairs of each part, by part name: group/kv -> ``pairs``, query -> ``q_pairs``."""
+        return {"pairs": shared.get("group", shared.get("kv", [])), "q_pairs": shared.get("query", [])}
+
+    def base_fields(self) -> dict[str, Any]:
+        """The DirectShare fields, for a subclass's plan built from this one."""
+        return {"pairs": self.pairs, "match": self.match, "share_o": self.share_o, "granularity": self.granularity,
+                "q_pairs": self.q_pairs, "ratio": self.ratio, "select": self.select, "reached": self.reached}
+
     def summary(self) -> str:
         chosen = f"by {self.select}" if self.select == "loss" else self.match
-        share = f"{len(self.pairs)} units share ({chosen}{', +o' if self.share_o else ''})"
+        units = (f"{len(self.pairs)} units" if self.granularity == "group" else
+                 f"{len(self.pairs)} KV heads + {len(self.q_pairs)} query heads")
+        share = f"{units} share ({chosen}{', +o' if self.share_o else ''})"
         return f"{self.method}: {share} across {len(self.layers)} layers{reached_text(self.reached, self.ratio)}"
 
 
 def reached_text(reached: dict[str, int] | None, ratio: float | None) -> str:
     """What a plan reached next to what was asked: ``; 1/18 units = 5.6% (asked 10%), 442,368 parameters = 4.2% of
-    attention``."""
+    attention``. Units of unequal size (split) state the asked fraction against the shared kinds' parameters
+    (``shareable``): ``; 14/90 units, 1,658,880 parameters = 10.0% of q/k/v (asked 10.0%), 8.3% of attention``."""
     if not reached:
         return ""
     asked = "" if ratio is None else f" (asked {ratio:.1%})"
+    of_attention = f"{reached['params'] / max(reached['attention'], 1):.1%} of attention"
+    if "shareable" in reached:
+        return (f"; {reached['units']}/{reached['of']} units, {reached['params']:,} parameters = "
+                f"{reached['params'] / max(reached['shareable'], 1):.1%} of q/k/v{asked}, {of_attention}")
     return (f"; {reached['units']}/{reached['of']} units = {reached['units'] / reached['of']:.1%}{asked}, "
-            f"{reached['params']:,} parameters = {reached['params'] / max(reached['attention'], 1):.1%} of attention")
+            f"{reached['params']:,} parameters = {of_attention}")
+
+
+def read_pairs(rows: list) -> list[Pair]:
+    pairs = [tuple(int(x) for x in p) for p in rows]
+    if any(len(p) != 4 for p in pairs):
+        raise ValueError("each pair must be [layer, unit, root layer, root unit]")
+    return sorted(pairs)
+
+
+def check_pairs(part: Part, pairs: list[Pair], geo: Geometry) -> None:
+    """One clear sentence for the first pair of ``part`` a model with ``geo`` cannot share."""
+    num_units = part.units(geo)
+    replaced = {(layer, unit) for layer, unit, _, _ in pairs}
+    if len(replaced) != len(pairs):
+        raise AttnshareError("The DirectShare plan replaces a unit twice; make the plan again with `attnshare plan`.")
+    for layer, unit, root_layer, root_unit in pairs:
+        check_layer(layer, geo, "replaced")
+        check_layer(root_layer, geo, "root")
+        if not (0 <= unit < num_units and 0 <= root_unit < num_units):
+            raise AttnshareError(
+                f"The plan names unit {max(unit, root_unit)}, out of range for a model with {num_units} {part.noun} "
+                f"per layer (units 0..{num_units - 1}); make the plan for this model."
+            )
+        if root_layer >= layer:
+            raise AttnshareError(
+                f"Unit {unit} of layer {layer} cannot reuse layer {root_layer}: a root must be in an earlier layer."
+            )
+        if geo.layer_types[root_layer] != geo.layer_types[layer]:
+            raise AttnshareError(
+                f"Unit {unit} of layer {layer} ({geo.layer_types[layer]}) cannot reuse layer {root_layer} "
+                f"({geo.layer_types[root_layer]}): weights are shared only between layers of the same attention "
+                "kind (window and RoPE base); make the plan again with `attnshare plan`."
+            )
+        if (root_layer, root_unit) in replaced:
+            raise AttnshareError(
+                f"Unit {root_unit} of layer {root_layer} is replaced itself, so it cannot be the root of unit {unit} "
+                f"of layer {layer}; resolve chains to their roots."
+            )
+
+
+def part_kinds(part: Part, share_o: bool) -> tuple[str, ...]:
+    """The projections a ``part`` unit's slices come from: its kinds, and o with ``share_o`` if it holds q."""
+    return tuple(k for k in ("q", "k", "v", "o") if part.shares(k) and (share_o or k != "o"))
+
+
+def part_parameters(model: nn.Module, part: Part, share_o: bool = False) -> int:
+    """Parameters one replaced ``part`` unit frees (read off layer 0): its rows and biases of each projection kind it
+    shares (o: columns only; o's bias belongs to the layer)."""
+    spec, attn = arch_of(model), attention(model, 0)
+    total = 0
+    for kind in part_kinds(part, share_o):
+        module = getattr(attn, getattr(spec, kind))
+        total += module.weight.numel() + (module.bias.numel() if module.bias is not None and kind != "o" else 0)
+    return total // part.units(geometry(model))
+
+
+def grains(sizes: dict[Part, int], geo: Geometry) -> tuple[int, int]:
+    """The budget's grain (the gcd of the unit sizes, in parameters) and the grains in one layer."""
+    grain = math.gcd(*sizes.values())
+    return grain, sum(part.units(geo) * size // grain for part, size in sizes.items())
+
+
+def replaced_budget(ratio: float, geo: Geometry, sizes: dict[Part, int]) -> int:
+    """Parameters a plan of ``ratio`` frees, ``sizes`` (Part -> parameters of one unit) the parts it shares:
+    ``ratio`` of all the parts' slices, in whole grains (grain = the gcd of the unit sizes), at most every layer but
+    the first. With one part (KV-group units) that is exactly :func:`num_replaced` units."""
+    grain, per_layer = grains(sizes, geo)
+    return grain * min(int(ratio * geo.num_layers * per_layer + 1e-9), (geo.num_layers - 1) * per_layer)
 
 
 def num_replaced(ratio: float, num_layers: int, num_units: int) -> int:

@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3])
     p.add_argument("--matches", nargs="+", default=list(MATCH_FUNCTIONS))
     p.add_argument("--selects", nargs="+", default=["cosine"], choices=list(SELECT_RULES))
+    p.add_argument("--granularities", nargs="+", default=["group"], choices=["group", "split"])
     p.add_argument("--loss-tokens", type=int, default=DirectShareConfig.loss_tokens)
     p.add_argument("--share-o", action="store_true")
     p.add_argument("--threads", type=int, default=1)
@@ -53,21 +54,24 @@ def main(argv: list[str] | None = None) -> int:
     method = DirectShare()
     for match in args.matches:
         out["stats"][match] = match_statistics(best_matches(model, match))
-        for select in args.selects:
+        for select, granularity in [(s, g) for s in args.selects for g in args.granularities
+                                    if not (s == "cosine" and g == "split")]:
             configs = [DirectShareConfig(ratio=ratio, match=match, select=select, share_o=args.share_o,
-                                         loss_tokens=args.loss_tokens) for ratio in args.ratios]
+                                         granularity=granularity, loss_tokens=args.loss_tokens)
+                       for ratio in args.ratios]
             start = time.perf_counter()
             plans = method.make_plans(model, configs)
             planning = time.perf_counter() - start
-            print(f"planned {match}/{select} in {planning:.0f} s", flush=True)
+            print(f"planned {match}/{select}/{granularity} in {planning:.0f} s", flush=True)
             for ratio, plan in zip(args.ratios, plans):
                 apply(model, plan, keep_originals=True)
                 start = time.perf_counter()
                 ppl = perplexity(model, tok, protocol, progress=False)
                 row = {"match": match, "select": select, "ratio": ratio, "share_o": args.share_o,
-                       "units": len(plan.pairs), "params saved": params - model.num_parameters(), "ppl": ppl.ppl,
+                       "granularity": plan.granularity, "units": plan.num_pairs, "params saved": params - model.num_parameters(), "ppl": ppl.ppl,
                        "ppl ratio": ppl.ppl / out["base"]["ppl"], "planning seconds (all ratios)": planning,
-                       "seconds": time.perf_counter() - start, "pairs": [list(pair) for pair in plan.pairs]}
+                       "seconds": time.perf_counter() - start, "pairs": [list(pair) for pair in plan.pairs],
+                       "q_pairs": [list(pair) for pair in plan.q_pairs]}
                 unapply(model)
                 out["rows"].append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "pairs"}), flush=True)

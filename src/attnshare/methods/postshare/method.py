@@ -27,7 +27,7 @@ from torch import nn
 
 from ...analysis.collect import calibration_blocks
 from ...analysis.sensitivity import Divergence, Reference, divergence, forward_reference, plan_divergence
-from ...analysis.weights import projection_weight, units
+from ...analysis.weights import projection_weight
 from ...arch import arch_of, attention, geometry
 from ...data import load_text, tokenize_text
 from ...models.loading import model_identity
@@ -36,7 +36,7 @@ from ...sharing.state import STATE_ATTR, SharingState, state_of
 from ...training import distill_objective, lm_objective, pair_frobenius, train
 from ..directshare.loss_planner import HELDOUT_OFFSET, heldout_seq_len
 from ..directshare.method import BANK, DirectShare, bank_rows, unit_slice
-from ..directshare.plan import Pair
+from ..directshare.plan import Pair, Part
 from .config import PostShareConfig
 from .plan import PostSharePlan
 
@@ -47,14 +47,15 @@ GUARD_OFFSET = HELDOUT_OFFSET + 1024  # the check's tokens follow the planner's 
 
 
 def pair_slices(model: nn.Module, plan: PostSharePlan) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """For every (replaced, root) pair, the live q/k/v slices of both units (views of the model's weights)."""
-    num_units = units(geometry(model))
-    spec = arch_of(model)
+    """For every (replaced, root) pair of every part, the live q/k/v slices both units share (views of the model's
+    weights)."""
+    geo, spec = geometry(model), arch_of(model)
 
-    def slices(layer: int, unit: int) -> list[torch.Tensor]:
-        return [unit_slice(projection_weight(model, layer, k, spec), k, num_units, unit) for k in REGULARISED]
+    def slices(part: Part, layer: int, unit: int) -> list[torch.Tensor]:
+        return [unit_slice(projection_weight(model, layer, k, spec), k, part.units(geo), unit)
+                for k in REGULARISED if part.shares(k)]
 
-    return [(slices(l, u), slices(rl, ru)) for l, u, rl, ru in plan.pairs]
+    return [(slices(part, l, u), slices(part, rl, ru)) for part, pairs in plan.parts() for l, u, rl, ru in pairs]
 
 
 def pair_regulariser(model: nn.Module, plan: PostSharePlan) -> Callable[[], torch.Tensor]:
@@ -76,7 +77,7 @@ def regularised(data_objective, regulariser: Callable[[], torch.Tensor], weight:
 def postshare_objective(model: nn.Module, plan: PostSharePlan, temperature: float, tied: bool = False):
     """The plan's data term (distillation at ``temperature`` or LM), plus ``lambda * R`` when it has pairs that
     are not ``tied`` already (tied pairs share their slices, so R is 0)."""
-    if not plan.pairs or tied:
+    if not plan.num_pairs or tied:
         return lm_objective() if plan.data_term == "lm" else distill_objective(temperature)
     reg = pair_regulariser(model, plan)
     if plan.data_term == "lm":
@@ -106,17 +107,18 @@ def paired_units(pairs: list[Pair]) -> dict[int, set[int]]:
 def pair_masks(model: nn.Module, plan: PostSharePlan) -> dict[str, torch.Tensor]:
     """Gradient masks of ``train_scope="pairs"``: parameter name -> mask broadcastable to it, 1 on the q/k/v rows
     (and biases) of the paired units, 0 elsewhere."""
-    spec, num_units = arch_of(model), units(geometry(model))
+    spec, geo = arch_of(model), geometry(model)
     names = {id(p): n for n, p in model.named_parameters()}
     out = {}
-    for layer, chosen in sorted(paired_units(plan.pairs).items()):
-        attn = attention(model, layer)
-        for kind in REGULARISED:
-            proj = getattr(attn, getattr(spec, kind))
-            mask = unit_row_mask(proj.weight.shape[0], num_units, chosen)  # (U*r, 1)
-            out[names[id(proj.weight)]] = mask
-            if getattr(proj, "bias", None) is not None:
-                out[names[id(proj.bias)]] = mask[:, 0]  # (U*r,)
+    for part, pairs in plan.parts():
+        for layer, chosen in sorted(paired_units(pairs).items()):
+            attn = attention(model, layer)
+            for kind in [k for k in REGULARISED if part.shares(k)]:
+                proj = getattr(attn, getattr(spec, kind))
+                mask = unit_row_mask(proj.weight.shape[0], part.units(geo), chosen)  # (U*r, 1)
+                out[names[id(proj.weight)]] = mask
+                if getattr(proj, "bias", None) is not None:
+                    out[names[id(proj.bias)]] = mask[:, 0]  # (U*r,)
     return out
 
 
@@ -137,12 +139,14 @@ def tied_masks(model: nn.Module, plan: PostSharePlan) -> dict[str, torch.Tensor]
     broadcastable to it, 1 on the bank rows of the roots (the slices each pair now shares), 0 elsewhere.
 
     Bank layout: q/k/v (N, r, D) and their biases (N, r) by rows, o (D, N, r) by its middle axis."""
-    rows = bank_rows(plan, units(geometry(model)))
-    chosen = sorted({rows[root] for root in plan.roots.values()})
+    geo = geometry(model)
     out = {}
     for name, p in model.named_parameters():
         if not name.startswith(BANK + "."):
             continue
+        part = plan.part_of(name[len(BANK) + 1:].removesuffix("_bias"))
+        rows = bank_rows(plan, part, geo)
+        chosen = sorted({rows[root] for root in plan.roots_of(part).values()})
         axis = 1 if name == f"{BANK}.o" else 0
         mask = torch.zeros(p.shape[axis])
         mask[chosen] = 1.0
@@ -158,7 +162,7 @@ def postshare_trainable(model: nn.Module, scope: str, plan: PostSharePlan | None
     bank (whose rows other than the roots' :func:`tied_masks` keeps frozen)."""
     if scope == "full":
         return [n for n, _ in model.named_parameters()]
-    if scope in ("pairs", "tied") and plan is not None and plan.pairs:
+    if scope in ("pairs", "tied") and plan is not None and plan.num_pairs:
         return list(pair_masks(model, plan) if scope == "pairs" else tied_masks(model, plan))
     spec = arch_of(model)
     prefixes = tuple(f"{spec.layers}.{l}.{spec.attn}." for l in range(geometry(model).num_layers))
@@ -167,7 +171,7 @@ def postshare_trainable(model: nn.Module, scope: str, plan: PostSharePlan | None
 
 def scope_masks(model: nn.Module, plan: PostSharePlan) -> dict[str, torch.Tensor]:
     """The gradient masks of the plan's scope (none for full and attention, or without pairs)."""
-    if not plan.pairs or plan.train_scope not in ("pairs", "tied"):
+    if not plan.num_pairs or plan.train_scope not in ("pairs", "tied"):
         return {}
     return pair_masks(model, plan) if plan.train_scope == "pairs" else tied_masks(model, plan)
 
@@ -225,8 +229,8 @@ class PostShare(DirectShare):
     def config_for_saving(self, model: nn.Module, kind: str, fraction: float) -> None:
         """None: PostShare is a training method (compare its trained artifacts with ``compare --artifacts``)."""
 
-    def plan_for(self, model: nn.Module, config: PostShareConfig, pairs: list[Pair]) -> PostSharePlan:
-        plan = super().plan_for(model, config, pairs)
+    def plan_for(self, model: nn.Module, config: PostShareConfig, shared: dict[str, list[Pair]]) -> PostSharePlan:
+        plan = super().plan_for(model, config, shared)
         plan.reg_weight, plan.train_scope, plan.data_term = config.reg_weight, config.train_scope, config.data_term
         plan.guard_tokens, plan.calib_text = config.guard_tokens, config.calib_text
         return plan
@@ -241,8 +245,8 @@ class PostShare(DirectShare):
             teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the unshared model, frozen
             if hasattr(teacher, STATE_ATTR):
                 delattr(teacher, STATE_ATTR)
-        guard = Guard(model, plan, tokenizer) if plan.guard_tokens and plan.pairs else None
-        tied = plan.train_scope == "tied" and bool(plan.pairs)
+        guard = Guard(model, plan, tokenizer) if plan.guard_tokens and plan.num_pairs else None
+        tied = plan.train_scope == "tied" and bool(plan.num_pairs)
         if tied:
             apply(model, plan)  # records the base identity too
         elif state_of(model) is None:  # record the base identity before training changes the weights
@@ -258,7 +262,7 @@ class PostShare(DirectShare):
             data = training_ids(tokenizer, config.text, config.max_tokens, guard.skip)
         fingerprint = hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
         log.info("post-training %d tensors (%s, %s), %d pairs", len(names), plan.train_scope, plan.data_term,
-                 len(plan.pairs))
+                 plan.num_pairs)
         with masked_gradients(params, masks):
             result = train(model, objective, config, teacher if plan.data_term == "distill" else None,
                            trainable=names, tokenizer=tokenizer, data=data, fingerprint=fingerprint)

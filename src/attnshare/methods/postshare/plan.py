@@ -33,8 +33,7 @@ class PostSharePlan(DirectSharePlan):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PostSharePlan:
         base = DirectSharePlan.from_dict(data)
-        return cls(pairs=base.pairs, match=base.match, share_o=base.share_o, ratio=base.ratio, select=base.select,
-                   reached=base.reached,
+        return cls(**base.base_fields(),
                    reg_weight=float(data.get("reg_weight", 100.0)), train_scope=str(data.get("train_scope", "tied")),
                    data_term=str(data.get("data_term", "distill")), guard_tokens=int(data.get("guard_tokens", 0)),
                    calib_text=str(data.get("calib_text", "plays")))
