@@ -188,12 +188,12 @@ def test_loss_planner_pure_parts():
 
 def test_unit_replaced_writes_the_donor_and_restores_exactly(arch):
     from attnshare.arch import arch_of
-    from attnshare.methods.directshare.loss_planner import unit_replaced, unit_tensors
+    from attnshare.methods.directshare.loss_planner import unit_tensors, units_replaced
 
     model = tiny_model(arch)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     spec, kinds = arch_of(model), ("q", "k", "v", "o")
-    with unit_replaced(model, (3, 1), (1, 0), kinds, spec):
+    with units_replaced(model, {(3, 1): (1, 0)}, kinds, spec):
         for got, want in zip(unit_tensors(model, (3, 1), kinds, spec), unit_tensors(model, (1, 0), kinds, spec)):
             assert torch.equal(got, want)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -21,7 +21,7 @@ from ..evaluate.perplexity import ppl_from_nll
 from ..hf_compat import decoder_layer_output
 from ..plan import UNCHANGED, Plan
 from ..sharing.apply import apply, unapply
-from .collect import PRECISIONS, calibration_blocks, check_base_model, model_tokenizer
+from .collect import PRECISIONS, CalibrationConfig, calibration_blocks, check_base_model, model_tokenizer
 
 
 @dataclass
@@ -223,6 +223,13 @@ class Probe:
         self.reference, self.prefix = reference_and_inputs(model, self.heldout)
         self.screen = first_tokens(self.heldout, self.reference, self.prefix, screen) if screen else None
         self.measured = 0
+
+    @classmethod
+    def of(cls, model: nn.Module, config: CalibrationConfig, progress: bool = False) -> Probe:
+        """A probe with a planner's calibration settings (text, tokens, held-out and screening budget, precision)."""
+        return cls(model, text=config.calib_text, tokens=config.calib_tokens, seq_len=config.calib_seq_len,
+                   heldout=config.heldout_tokens, screen=config.screen_tokens, precision=config.measure_precision,
+                   progress=progress)
 
     def measure(self, plans: Plan | list[Plan], *, screen: bool = False) -> Divergence:
         """KL from the base and ppl of the model with ``plans`` applied (the model ends unchanged); with ``screen``

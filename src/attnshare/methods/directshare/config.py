@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from ...analysis.collect import check_calibration_text
 from ...analysis.weights import DEFAULT_MATCH, MATCH_FUNCTIONS, check_match
 from ...errors import AttnshareError
+from .plan import GRANULARITIES
 
 SELECT_RULES = ("loss", "cosine")
 
@@ -39,7 +40,7 @@ class DirectShareConfig:
         metadata={"help": "what one unit is: group (a KV group: its query heads' W_q with the KV head's W_k/W_v) or "
                           "split (each query head's W_q and each KV head's W_k/W_v are units of their own; "
                           "select=loss; the ratio is then a fraction of the q/k/v parameters)",
-                  "choices": ["group", "split"]},
+                  "choices": list(GRANULARITIES)},
     )
     share_o: bool = field(default=False, metadata={"help": "also share the unit's o_proj columns (the reference code does)"})
     calib_text: str = field(
@@ -64,8 +65,8 @@ class DirectShareConfig:
         check_match(self.match)
         if self.select not in SELECT_RULES:
             raise AttnshareError(f"--select must be one of {', '.join(SELECT_RULES)}, got {self.select!r}.")
-        if self.granularity not in ("group", "split"):
-            raise AttnshareError(f"--granularity must be group or split, got {self.granularity!r}.")
+        if self.granularity not in GRANULARITIES:
+            raise AttnshareError(f"--granularity must be {' or '.join(GRANULARITIES)}, got {self.granularity!r}.")
         if self.granularity == "split" and self.select == "cosine":
             raise AttnshareError("--granularity split needs --select loss: the cosine rule (the paper's) ranks whole "
                                  "KV-group units.")

@@ -51,9 +51,10 @@ LOCAL_TOKENS = 128  # the local donor search reads the first 128 tokens of each 
 # ------------------------------------------------------------------------------------------------ pure helpers
 
 
-def relative_change(out: torch.Tensor, base: torch.Tensor) -> float:
-    """``||out - base||^2 / ||base||^2`` over all elements; out, base (N, T, D)."""
-    return float((out.float() - base.float()).pow(2).sum() / base.float().pow(2).sum().clamp_min(1e-30))
+def relative_change(out: torch.Tensor, base: torch.Tensor, scale: torch.Tensor | None = None) -> float:
+    """``||out - base||^2 / scale`` over all elements, ``scale`` defaulting to ``||base||^2``; out, base (N, T, D)."""
+    scale = base.float().pow(2).sum() if scale is None else scale
+    return float((out.float() - base.float()).pow(2).sum() / scale.clamp_min(1e-30))
 
 
 def lowest(costs: dict[Unit, float], count: int | None = None) -> list[Unit]:
@@ -157,12 +158,6 @@ def units_replaced(model: nn.Module, assign: dict[Unit, Unit], kinds: tuple[str,
                 t.copy_(s)
 
 
-def unit_replaced(model: nn.Module, unit: Unit, donor: Unit, kinds: tuple[str, ...], spec: ArchSpec,
-                  num_units: int | None = None):
-    """:func:`units_replaced` for one unit."""
-    return units_replaced(model, {unit: donor}, kinds, spec, num_units)
-
-
 def output_columns(part: Part, geo, unit: int) -> slice:
     """The columns of o_proj's input (the concatenated head outputs, H*d) that one ``part`` unit changes: its query
     head's d, or its KV head's G query heads' G*d."""
@@ -196,7 +191,7 @@ def local_changes(model: nn.Module, inputs: dict[int, tuple[tuple, dict]], candi
             hook = o_proj.register_forward_pre_hook(lambda _module, inputs: heads.append(inputs[0]))
             try:
                 args, kwargs = inputs[layer]
-                norm = module(*args, **kwargs)[0].float().pow(2).sum().clamp_min(1e-30)  # ||out||^2
+                norm = module(*args, **kwargs)[0].float().pow(2).sum()  # ||out||^2
                 mine = sorted(u for u in candidates if u[0] == layer)
                 cols = {unit: output_columns(part, geo, unit[1]) for unit in mine}
                 base = {unit: contribution(heads[-1], o_proj.weight, cols[unit]) for unit in mine}  # (N, T, D)
@@ -205,8 +200,8 @@ def local_changes(model: nn.Module, inputs: dict[int, tuple[tuple, dict]], candi
                     with units_replaced(model, assign, kinds, spec, num_units):
                         module(*args, **kwargs)
                         for unit, donor in assign.items():
-                            delta = contribution(heads[-1], o_proj.weight, cols[unit]) - base[unit]
-                            out[unit][donor] = float(delta.float().pow(2).sum() / norm)
+                            now = contribution(heads[-1], o_proj.weight, cols[unit])
+                            out[unit][donor] = relative_change(now, base[unit], norm)
                     heads.clear()
                     bar.update(len(assign))
             finally:
@@ -243,7 +238,7 @@ class UnitCosts:
         self.config, self.progress = config, progress
         geo = geometry(model)
         self.parts = GRANULARITIES[config.granularity]
-        self.sizes = {part: part_parameters(model, part, config.share_o) for part in self.parts}
+        self.sizes = {part.name: part_parameters(model, part, config.share_o) for part in self.parts}
         self.probe = PlanProbe(model, text=config.calib_text, tokens=HELDOUT_OFFSET,
                                seq_len=heldout_seq_len(model, config.loss_tokens), heldout=config.loss_tokens,
                                progress=progress)
@@ -266,7 +261,8 @@ class UnitCosts:
     def plan(self, chosen: list[Key]) -> DirectSharePlan:
         shared = {part.name: assign_donors([(l, u) for name, l, u in chosen if name == part.name],
                                            self.order[part.name]) for part in self.parts}
-        return DirectSharePlan(**DirectSharePlan.lists(shared), granularity=self.config.granularity,
+        return DirectSharePlan(**DirectSharePlan.lists(self.config.granularity, shared),
+                               granularity=self.config.granularity,
                                match=self.config.match, share_o=self.config.share_o)
 
     def _single_unit(self) -> dict[Key, float]:
@@ -275,7 +271,7 @@ class UnitCosts:
         return {key: self.probe.measure(self.plan([key])).kl for key in bar}
 
     def size(self, key: Key) -> int:
-        return next(size for part, size in self.sizes.items() if part.name == key[0])
+        return self.sizes[key[0]]
 
     def selections(self, budgets: list[int]) -> dict[int, list[Key]]:
         """The chosen units for each parameter budget: the lowest single-unit KLs per parameter that fit (for

@@ -76,7 +76,7 @@ class DirectShare(SharingMethod):
         if config.granularity != "group":  # units of unequal size: the ratio is a fraction of these parameters
             reached["shareable"] = geo.num_layers * sum(p.units(geo) * part_parameters(model, p, config.share_o)
                                                         for p in parts)
-        return self.plan_cls(**DirectSharePlan.lists(shared), granularity=config.granularity, match=config.match,
+        return self.plan_cls(**DirectSharePlan.lists(config.granularity, shared), granularity=config.granularity, match=config.match,
                              share_o=config.share_o, ratio=config.ratio, select=config.select, reached=reached)
 
     def trainable_parameters(self, model: nn.Module, plan: DirectSharePlan) -> list[tuple[str, nn.Parameter]]:

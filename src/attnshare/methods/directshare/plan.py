@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from torch import nn
@@ -26,6 +26,7 @@ class Part:
     kinds: tuple[str, ...]
     per_query_head: bool = False
     noun: str = "units"  # what messages call its units
+    plan_field: str = "pairs"  # the plan field that lists its pairs
 
     def units(self, geo: Geometry) -> int:
         return geo.num_heads if self.per_query_head else geo.num_kv_heads
@@ -35,7 +36,8 @@ class Part:
 
 
 GROUP = Part("group", ("q", "k", "v"))  # a KV group: its G query heads' W_q rows and its W_k/W_v rows, together
-QUERY = Part("query", ("q",), per_query_head=True, noun="query-head units")  # one query head's W_q rows
+# one query head's W_q rows
+QUERY = Part("query", ("q",), per_query_head=True, noun="query-head units", plan_field="q_pairs")
 KV = Part("kv", ("k", "v"), noun="KV-head units")  # one KV head's W_k/W_v rows
 GRANULARITIES: dict[str, tuple[Part, ...]] = {"group": (GROUP,), "split": (KV, QUERY)}  # the plan's pair lists, in order
 
@@ -68,8 +70,7 @@ class DirectSharePlan(Plan):
 
     def parts(self) -> list[tuple[Part, list[Pair]]]:
         """Each kind of unit the plan shares, with its pairs."""
-        lists = {"group": self.pairs, "kv": self.pairs, "query": self.q_pairs}
-        return [(part, lists[part.name]) for part in GRANULARITIES[self.granularity]]
+        return [(part, getattr(self, part.plan_field)) for part in GRANULARITIES[self.granularity]]
 
     def part_of(self, kind: str) -> Part:
         """The part that shares projection ``kind`` (q, k, v, or o with share_o)."""
@@ -105,14 +106,14 @@ class DirectSharePlan(Plan):
                    reached=None if reached is None else {str(k): int(v) for k, v in reached.items()})
 
     @staticmethod
-    def lists(shared: dict[str, list[Pair]]) -> dict[str, list[Pair]]:
-        """Plan fields of the pairs of each part, by part name: group/kv -> ``pairs``, query -> ``q_pairs``."""
-        return {"pairs": shared.get("group", shared.get("kv", [])), "q_pairs": shared.get("query", [])}
+    def lists(granularity: str, shared: dict[str, list[Pair]]) -> dict[str, list[Pair]]:
+        """The plan fields (``pairs``, ``q_pairs``) of a plan of ``granularity``, from its pairs by part name."""
+        return {"pairs": [], "q_pairs": [],
+                **{part.plan_field: shared.get(part.name, []) for part in GRANULARITIES[granularity]}}
 
     def base_fields(self) -> dict[str, Any]:
         """The DirectShare fields, for a subclass's plan built from this one."""
-        return {"pairs": self.pairs, "match": self.match, "share_o": self.share_o, "granularity": self.granularity,
-                "q_pairs": self.q_pairs, "ratio": self.ratio, "select": self.select, "reached": self.reached}
+        return {f.name: getattr(self, f.name) for f in fields(DirectSharePlan)}
 
     def summary(self) -> str:
         chosen = f"by {self.select}" if self.select == "loss" else self.match

@@ -22,6 +22,7 @@ from ...models.loading import load_model
 from ...sharing.apply import apply, unapply
 from .config import SELECT_RULES, DirectShareConfig
 from .method import DirectShare
+from .plan import GRANULARITIES
 from .planner import best_matches, match_statistics
 
 
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ratios", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3])
     p.add_argument("--matches", nargs="+", default=list(MATCH_FUNCTIONS))
     p.add_argument("--selects", nargs="+", default=["cosine"], choices=list(SELECT_RULES))
-    p.add_argument("--granularities", nargs="+", default=["group"], choices=["group", "split"])
+    p.add_argument("--granularities", nargs="+", default=["group"], choices=list(GRANULARITIES))
     p.add_argument("--loss-tokens", type=int, default=DirectShareConfig.loss_tokens)
     p.add_argument("--share-o", action="store_true")
     p.add_argument("--threads", type=int, default=1)

@@ -85,9 +85,7 @@ def plan_removal_curve(model: nn.Module, config: RemovalConfig, counts: list[int
         log.info("block influence (%s): %s", part, [round(s, 4) for s in scores])
         order = sorted(range(num_layers), key=lambda layer: (scores[layer], layer))
         return {n: make(sorted(order[:n])) for n in counts}
-    probe = Probe(model, text=config.calib_text, tokens=config.calib_tokens, seq_len=config.calib_seq_len,
-                  heldout=config.heldout_tokens, screen=config.screen_tokens,
-                  precision=config.measure_precision, progress=progress)
+    probe = Probe.of(model, config, progress)
 
     def score(layers: list[int], screen: bool = False) -> Divergence:
         return probe.measure(make(sorted(layers)), screen=screen)

@@ -58,9 +58,7 @@ def plan_mix_curve(model: nn.Module, config: MixConfig, targets: list[float], *,
     the greedy paths in :data:`PATHS`."""
     geo = geometry(model)
     _, gain = budget_gains(model, config)
-    probe = PlanProbe(model, text=config.calib_text, tokens=config.calib_tokens, seq_len=config.calib_seq_len,
-                      heldout=config.heldout_tokens, screen=config.screen_tokens,
-                      precision=config.measure_precision, progress=progress)
+    probe = PlanProbe.of(model, config, progress)
 
     def make(assign: Assignment) -> MixPlan | None:
         drop = frozenset(layer for layer, a in assign.items() if a == "drop")

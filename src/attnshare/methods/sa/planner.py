@@ -119,9 +119,7 @@ def plan_sa_curve(model: nn.Module, config: SAConfig, budgets: list[int], *,
     for budget in budgets:
         sa_budget(SAConfig(budget=budget), geo.num_layers)  # range check
     top = max(budgets)
-    probe = PlanProbe(model, text=config.calib_text, tokens=config.calib_tokens, seq_len=config.calib_seq_len,
-                      heldout=config.heldout_tokens, screen=config.screen_tokens,
-                      precision=config.measure_precision, progress=progress)
+    probe = PlanProbe.of(model, config, progress)
     candidates = probe.valid_receivers([])
     if len(candidates) < top:
         raise AttnshareError(
