@@ -168,6 +168,7 @@ CASES = [
     row("lisa-layer-out-of-range", f"apply {T} --method lisa --layers 9 --out {{out}}", 2, r"layer 9, out of range for a 4-layer model"),
     row("lisa-duplicate-layers", f"apply {T} --method lisa --layers 2 2 --out {{out}}", 2, r"lists layer 2 twice"),
     row("lisa-odd-rank", f"apply {T} --method lisa --layers 2 --rank 3 --out {{out}}", 2, r"needs an even rank"),
+    row("lisa-fit-probs", f"apply {T} --method lisa --layers 2 --source probs --out {{out}}", 2, r"add --init permutation to use --source probs"),
     row("ds-ratio-above-1", f"apply {T} --method directshare --ratio 1.5 --out {{out}}", 2, r"--ratio must be in \[0, 1\)"),
     row("ds-ratio-negative", f"plan {T} --method directshare --budget -0.2 --out {{out}}/p.json", 2, r"--ratio must be in \[0, 1\)"),
     row("ds-unknown-match", f"apply {T} --method directshare --match zz --out {{out}}", 2, r"Unknown match function 'zz'"),

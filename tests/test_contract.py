@@ -43,7 +43,7 @@ from attnshare.arch import geometry
 from attnshare.methods.directshare import DirectShareConfig, DirectSharePlan
 from attnshare.methods.drop import DropPlan
 from attnshare.methods.layerdrop import LayerDropPlan
-from attnshare.methods.lisa import LiSAPlan
+from attnshare.methods.lisa import LiSAConfig, LiSAPlan
 from attnshare.methods.mix import MixPlan
 from attnshare.methods.postshare import PostShareConfig
 from attnshare.methods.sa import SAPlan
@@ -263,6 +263,12 @@ def lisa(**kw) -> Callable[[nn.Module], list[Plan]]:
     return lambda model: [LiSAPlan(layers=sorted(LISA_MAPS), head_map=dict(LISA_MAPS), rank=4, ffn_width=2, **kw)]
 
 
+def lisa_fitted(model: nn.Module) -> list[Plan]:
+    """LiSA with the fitted start (``--init fit``), fitted on the tiny model's calibration bytes."""
+    config = LiSAConfig(layers=sorted(LISA_MAPS), rank=4, init="fit")
+    return [attnshare.get_method("lisa").make_plan(model, config)]
+
+
 def directshare(ratio: float = 0.5, **kw) -> Callable[[nn.Module], list[Plan]]:
     return lambda model: [attnshare.get_method("directshare").make_plan(model, DirectShareConfig(ratio=ratio, **kw))]
 
@@ -301,6 +307,8 @@ METHODS = [
     Entry("lisa", lisa(), lambda m: [LiSAPlan()], lisa_key_widths, lisa_delta, perturb_lisa, lisa_tensors),
     Entry("lisa_probs", lisa(source="probs", rope=False), lambda m: [LiSAPlan(source="probs", rope=False)],
           lisa_key_widths, lisa_delta, perturb_lisa, lisa_tensors),
+    Entry("lisa_fit", lisa_fitted, lambda m: [LiSAPlan(init="fit")], lisa_key_widths, lisa_delta, perturb_lisa,
+          lisa_tensors),
     Entry("directshare", directshare(match="qkv", share_o=True), directshare(ratio=0.0), no_key_change,
           stored_weights_delta),
     Entry("directshare_split", directshare(granularity="split", share_o=True),

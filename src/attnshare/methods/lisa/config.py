@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from ...errors import AttnshareError
 from ...plan import check_layer_list
-from .plan import SOURCES
+from .plan import INITS, SOURCES
 
 
 @dataclass
@@ -33,6 +33,12 @@ class LiSAConfig:
     align_heads: bool = field(
         default=True, metadata={"help": "initialise the FFN to the best head permutation (else identity)"}
     )
+    init: str = field(
+        default="fit", metadata={"help": "how LiSA layers start: fitted in closed form on calibration text (fit: the "
+                                          "layer's own q/k rows of its most useful rotary frequencies plus a "
+                                          "least-squares head mixing), or aligned sharing (permutation)",
+                                 "choices": list(INITS)}
+    )
     fused_prefill: bool = field(
         default=True, metadata={"help": "gradient-free prefill in query blocks over the donor's SDPA Q/K instead of "
                                         "whole materialised score maps"}
@@ -53,6 +59,11 @@ class LiSAConfig:
             raise AttnshareError("--rank, --ffn-width and --local-steps must be zero or positive, --local-repeats >= 1.")
         if self.source not in SOURCES:
             raise AttnshareError(f"--source must be one of {', '.join(SOURCES)}, got '{self.source}'.")
+        if self.init not in INITS:
+            raise AttnshareError(f"--init must be one of {', '.join(INITS)}, got '{self.init}'.")
+        if self.init == "fit" and (self.source != "scores" or not self.rope):
+            raise AttnshareError("--init fit (the default) reproduces the layers' rotated scores, so it needs --source "
+                                 "scores and RoPE; add --init permutation to use --source probs or --no-rope.")
 
 
 def default_rank(head_dim: int) -> int:

@@ -18,9 +18,10 @@ from ...training.loop import load_blocks
 from ..base import SharingMethod
 from ..surgery import detach, reattach
 from .config import LiSAConfig, default_rank
+from .fit import fit_layers, fitted_start
 from .modules import BLOCK_ROWS, LiSAAttention
 from .plan import LiSAPlan
-from .planner import choose_layers, head_maps
+from .planner import calibration_seq_len, choose_layers, head_maps
 from .training import layer_local_fit, lisa_objective, load_teacher
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,10 @@ class LiSA(SharingMethod):
         plan.validate(geo)
         if config.align_heads:
             plan.head_map = head_maps(model, {layer: layer - 1 for layer in layers})
+        if config.init == "fit":
+            plan.init = "fit"
+            plan.fits = fit_layers(model, layers, plan.head_map, plan.rank, seq_len=calibration_seq_len(model))
+        plan.validate(geo)
         return plan
 
     def lisa_parameters(self, model: nn.Module, plan: LiSAPlan) -> list[tuple[str, nn.Parameter]]:
@@ -81,6 +86,8 @@ class LiSA(SharingMethod):
                     set_hook(donor_module, Publisher(state.context, donor, need_scores=True,
                                                      fused_prefill=plan.fused_prefill))
             base = attention(model, layer)
+            fit = plan.fits.get(layer)
+            start = fitted_start(base, spec, geo, fit) if fit else None  # before q/k leave
             path = f"{spec.layers}.{layer}.{spec.attn}"
             removable = [spec.q, spec.k] + (["q_norm", "k_norm"] if spec.qk_norm else [])
             detached = detach(base, path, removable, keep=state.keep_originals)
@@ -88,8 +95,10 @@ class LiSA(SharingMethod):
                 base, spec.v, spec.o, layer, state.context, plan.head_map.get(layer, identity),
                 hidden_size=geo.hidden_size, num_kv_heads=geo.num_kv_heads, head_dim=geo.head_dim, rank=plan.rank,
                 ffn_width=plan.ffn_width, source=plan.source, rope=plan.rope,
-                block_rows=BLOCK_ROWS if plan.fused_prefill else 0,
+                block_rows=BLOCK_ROWS if plan.fused_prefill else 0, frequencies=fit.frequencies if fit else None,
             )
+            if start is not None:
+                module.start_from(*start)
             set_attention(model, layer, module)
             state.context.add_edge(donor, layer)
 

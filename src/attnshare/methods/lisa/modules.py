@@ -7,7 +7,8 @@ m hidden width of the alignment FFN, D hidden size.
     g_l(z) = W_skip z + W_down gelu(W_up z + b)      over the head axis at every (query, key) position
 
 At initialisation W_skip is the best head permutation, W_down = 0 and W_k^lr = 0, so S_l equals the donor's
-scores with heads permuted exactly (aligned direct sharing).
+scores with heads permuted exactly (aligned direct sharing, ``init="permutation"``); a fitted start
+(``init="fit"``, see fit.py) sets W_skip and the low-rank q/k from the base layer instead.
 
 Without gradients (evaluation, generation, benchmarks) a prefill runs in blocks of query rows: each block reads
 only the keys its causal mask can reach, so the (B,H,rows,S) working set stays small and half of the score matrix
@@ -126,13 +127,19 @@ def permutation_matrix(head_map: list[int]) -> torch.Tensor:
     return eye[torch.tensor(head_map, dtype=torch.long)]
 
 
-def rope_subset(cos: torch.Tensor, sin: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """r-dim rotary tables from the layer's d-dim ones: r/2 frequencies spread over the spectrum.
+def spread_frequencies(half: int, rank: int) -> list[int]:
+    """r/2 of a head's F = ``half`` rotary frequency pairs, spread evenly over the spectrum (the default)."""
+    return [i * half // (rank // 2) for i in range(rank // 2)]
+
+
+def rope_subset(cos: torch.Tensor, sin: torch.Tensor, frequencies: list[int] | None, rank: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """r-dim rotary tables from the layer's d-dim ones: the r/2 ``frequencies`` (None: spread evenly).
 
     cos, sin (B,T,d) in HF's rotate-half layout (each half repeats the d/2 frequencies) -> (B,1,T,r).
     """
     half = cos.shape[-1] // 2
-    idx = torch.arange(rank // 2, device=cos.device) * half // (rank // 2)  # (r/2,) frequency indices
+    idx = torch.tensor(frequencies or spread_frequencies(half, rank), device=cos.device)  # (r/2,)
     cos_r = torch.cat([cos[..., idx], cos[..., idx]], dim=-1)  # (B,T,r)
     sin_r = torch.cat([sin[..., idx], sin[..., idx]], dim=-1)  # (B,T,r)
     return cos_r.unsqueeze(1), sin_r.unsqueeze(1)
@@ -188,7 +195,8 @@ class LiSAAttention(nn.Module):
 
     def __init__(self, base: nn.Module, v_name: str, o_name: str, layer: int, context: ShareContext,
                  head_map: list[int], *, hidden_size: int, num_kv_heads: int, head_dim: int, rank: int,
-                 ffn_width: int, source: str, rope: bool, block_rows: int = BLOCK_ROWS) -> None:
+                 ffn_width: int, source: str, rope: bool, block_rows: int = BLOCK_ROWS,
+                 frequencies: list[int] | None = None) -> None:
         super().__init__()
         self.v_name, self.o_name = v_name, o_name
         self.add_module(v_name, getattr(base, v_name))
@@ -199,6 +207,7 @@ class LiSAAttention(nn.Module):
         self.num_heads, self.num_kv_heads = len(head_map), num_kv_heads
         self.head_dim, self.rank = head_dim, rank
         self.source, self.rope = source, rope
+        self.frequencies = frequencies  # rotary frequency pairs of the low-rank q/k (None: spread evenly)
         self.block_rows = block_rows  # 0: always whole maps
         ref = getattr(base, v_name).weight
         gen = torch.Generator().manual_seed(7919 * (layer + 1))  # deterministic init, independent of global RNG
@@ -209,6 +218,13 @@ class LiSAAttention(nn.Module):
             bound = 1.0 / math.sqrt(hidden_size)
             self.lisa_q.weight.copy_(torch.empty(self.lisa_q.weight.shape).uniform_(-bound, bound, generator=gen))
             self.lisa_k.weight.zero_()  # the correction q_lr k_lr^T starts at exactly zero
+
+    def start_from(self, mixing: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor) -> None:
+        """A fitted start: head mixing (H,H) of the skip path, low-rank q (H*r, D) and k (Hkv*r, D) weights."""
+        with torch.no_grad():
+            self.lisa_align.skip.copy_(mixing)
+            self.lisa_q.weight.copy_(q_weight)
+            self.lisa_k.weight.copy_(k_weight)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
         b, t, _ = hidden_states.shape
@@ -268,7 +284,7 @@ class LiSAAttention(nn.Module):
         q = self.lisa_q(hidden_states).view(b, t, self.num_heads, self.rank).transpose(1, 2)  # (B,H,T,r)
         k = self.lisa_k(hidden_states).view(b, t, self.num_kv_heads, self.rank).transpose(1, 2)  # (B,Hkv,T,r)
         if self.rope and position_embeddings is not None:
-            cos, sin = rope_subset(*position_embeddings, self.rank)
+            cos, sin = rope_subset(*position_embeddings, self.frequencies, self.rank)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k
 

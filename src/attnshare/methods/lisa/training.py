@@ -68,7 +68,8 @@ def lisa_objective(model: nn.Module, teacher: nn.Module, layers: list[int], temp
 
 
 class Recorder:
-    """Attention hook (see attention/dispatch.py) that records a teacher layer's masked scores and probabilities."""
+    """Attention hook (see attention/dispatch.py) that records a teacher layer's masked scores and probabilities
+    (and its post-RoPE q/k and scaling, which the fitted start reads)."""
 
     def __init__(self, layer: int, store: dict[int, DonorState]) -> None:
         self.layer, self.store = layer, store
@@ -77,7 +78,7 @@ class Recorder:
         scaling = module.scaling if scaling is None else scaling
         scores = attention_scores(q, k, mask, scaling, kwargs.get("softcap"))  # (B,H,T,S) float32
         probs = softmax_probs(scores, q.dtype)
-        self.store[self.layer] = DonorState(probs=probs, scores=scores, mask=mask)
+        self.store[self.layer] = DonorState(probs=probs, scores=scores, q=q, k=k, mask=mask, scaling=scaling)
         out, _ = eager_attention(module, q, k, v, mask, scaling, dropout, probs=probs)
         return out, None
 
