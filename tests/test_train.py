@@ -137,6 +137,7 @@ def test_select_trainable():
         {"weight_decay": -1.0}, {"warmup": -1}, {"max_steps": 0}, {"max_minutes": 0.0},
         {"checkpoint_every": -1}, {"distill_temperature": 0.0}, {"schedule": "step"},
         {"mixed_precision": "fp16"}, {"resume": True}, {"betas": (0.9, 1.0)}, {"max_tokens": 8, "seq_len": 32},
+        {"distill_target": "probs"}, {"distill_target": "hidden", "distill_temperature": 2.0},
     ],
 )
 def test_bad_config_gives_one_sentence(bad):
@@ -220,6 +221,127 @@ def test_distillation_reduces_kl_and_leaves_teacher_alone():
     assert result.losses[-1][1] < 0.6 * result.losses[0][1], result.losses
     assert "kl" in result.metrics
     assert all(torch.equal(p, teacher_before[n]) for n, p in teacher.named_parameters())
+
+
+# ---------------------------------------------------------------------------- distilling the LM head's input
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+def test_head_metric_is_the_second_order_kl(scale):
+    """1/2 d^T M d equals KL(softmax(c W h) || softmax(c W (h + d))) to second order, for a head that scales its
+    logits by c (the scale is fitted from the logits)."""
+    from attnshare.training.losses import head_metric, hidden_kl
+
+    gen = torch.Generator().manual_seed(0)
+    weight, h = torch.randn(50, 8, generator=gen), torch.randn(1, 8, generator=gen)
+    metric = head_metric([(h, scale * h @ weight.T)], weight)
+    d = 1e-3 * torch.randn(1, 8, generator=gen)
+    t, s = ((scale * x.double() @ weight.double().T).log_softmax(-1) for x in (h, h + d))
+    exact = (t.exp() * (t - s)).sum()  # float64: the KL is ~1e-7
+    approx = hidden_kl((h + d)[None], h[None], metric)
+    assert approx.item() == pytest.approx(exact.item(), rel=1e-2)
+
+
+def _flops(objective, student, teacher, ids) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        loss, _ = objective(student, {"input_ids": ids}, teacher)
+        loss.backward()
+    return counter.get_total_flops()
+
+
+def _objectives(target: str):
+    """(objective maker, student maker) for the generic distillation and LiSA's."""
+    import attnshare
+    from attnshare.methods.lisa import LiSAPlan
+    from attnshare.methods.lisa.training import lisa_objective
+
+    def lisa(student, teacher, metric):
+        return lisa_objective(student, teacher, [2, 3], metric=metric)
+
+    def generic(student, teacher, metric):
+        return distill_objective(metric=metric)
+
+    def lisa_student(model):
+        return attnshare.apply(model, LiSAPlan(layers=[2, 3], rank=4))
+
+    return {"lisa": (lisa, lisa_student), "generic": (generic, lambda m: m)}[target]
+
+
+@pytest.mark.parametrize("target", ["generic", "lisa"])
+def test_hidden_distillation_cost_does_not_grow_with_the_vocabulary(target):
+    """One end-to-end step (teacher forward, student forward and backward) on a tiny model with a 1k and a 256k
+    vocabulary: distilling the head's input adds only the last position's head (two models, B rows), while
+    distilling logits adds the head at every token."""
+    import transformers
+    from conftest import tiny_config
+    from helpers import random_ids
+
+    make_objective, make_student = _objectives(target)
+    ids = random_ids(2, 32)
+    cost = {}
+    for vocab in (1024, 262144):
+        config = tiny_config("llama")
+        config.vocab_size = vocab
+        torch.manual_seed(0)
+        teacher = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+        student = make_student(transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa"))
+        for name, p in student.named_parameters():
+            p.requires_grad_(".lisa_" in name or (target == "generic" and "self_attn" in name))
+        metric = torch.eye(config.hidden_size)
+        cost[vocab] = {kind: _flops(make_objective(student, teacher, m), student, teacher, ids)
+                       for kind, m in (("hidden", metric), ("logits", None))}
+    grown = 262144 - 1024
+    last_position_heads = 2 * (2 * ids.shape[0] * config.hidden_size * grown)  # teacher and student, 2 flops/MAC
+    assert cost[262144]["hidden"] - cost[1024]["hidden"] <= last_position_heads
+    assert cost[262144]["logits"] - cost[1024]["logits"] >= 2 * ids.numel() * config.hidden_size * grown * 2
+
+
+def test_hidden_distillation_trains():
+    """``distill_target="hidden"`` through train_shared: the teacher's metric comes from the training blocks, and
+    training lowers both its loss and the true next-token KL on held-out ids."""
+    from helpers import teacher_kl
+
+    import attnshare
+    from attnshare.methods.lisa import LiSAPlan
+    from attnshare.training import train_shared
+    from attnshare.training.shared import teacher_head_metric
+
+    teacher = tiny_model("llama", num_layers=4)
+    student = attnshare.apply(tiny_model("llama", num_layers=4), LiSAPlan(layers=[2, 3], rank=4))
+    with torch.no_grad():  # off its start, so that there is something to learn back
+        for name, p in student.named_parameters():
+            if ".lisa_" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    data, held_out = random_ids(), random_ids(4 * 32, seed=5).view(4, 32)
+    objective = distill_objective(metric=teacher_head_metric(teacher, data.view(-1, 32)))
+    before = objective(student, {"input_ids": held_out}, teacher)[0].item(), teacher_kl(student, teacher, held_out)
+    train_shared(student, None, cfg(max_steps=30, lr=1e-2, schedule="constant", distill_target="hidden"),
+                 teacher=teacher, data=data)
+    with torch.no_grad():
+        after = objective(student, {"input_ids": held_out}, teacher)[0].item(), teacher_kl(student, teacher, held_out)
+    assert after[0] < 0.85 * before[0] and after[1] < 0.85 * before[1], (before, after)
+
+
+def test_auto_target_is_the_methods_choice():
+    """``--distill-target auto``: LiSA distils head inputs, SA (and a model with both) logits; a temperature other
+    than 1 keeps the logits, since the head metric is second-order at temperature 1."""
+    import attnshare
+    from attnshare.methods.lisa import LiSAPlan
+    from attnshare.methods.sa import SAPlan
+    from attnshare.training.shared import distillation, preferred_target
+
+    lisa = attnshare.apply(tiny_model("llama"), LiSAPlan(layers=[2], rank=4))
+    both = attnshare.apply(tiny_model("llama"), [LiSAPlan(layers=[3], rank=4), SAPlan(donors={1: 0})])
+    assert preferred_target(lisa) == "hidden" and preferred_target(both) == "logits"
+    assert preferred_target(attnshare.apply(tiny_model("llama"), SAPlan(donors={2: 1}))) == "logits"
+    teacher, data = tiny_model("llama"), random_ids()
+    metric = distillation(teacher, cfg(), data=data, preferred="hidden")
+    assert metric.shape == (64, 64) and torch.allclose(metric, metric.T, atol=1e-6)
+    assert torch.linalg.eigvalsh(metric.double()).min() > -1e-6  # a Fisher metric is positive semi-definite
+    assert distillation(teacher, cfg(distill_temperature=2.0), data=data, preferred="hidden") is None
+    assert distillation(teacher, cfg(distill_target="logits"), data=data, preferred="hidden") is None
 
 
 def test_grad_accum_matches_one_big_batch():

@@ -236,3 +236,23 @@ def lacks_attention_implementation(err: Exception) -> bool:
 def attn_implementation(model) -> str:
     """The model's attention implementation name (the config has no public getter in 5.17–5.24)."""
     return model.config._attn_implementation or "eager"
+
+
+# ---- the LM head's input ---------------------------------------------------------------------------------------
+
+
+def head_input(model, ids: torch.Tensor, *, logits: bool = False, **kwargs):
+    """``(h, output)``: the LM head's input of every position, h (B,T,D) (the decoder's ``last_hidden_state``, final
+    norm included), and the model's output (``kwargs`` go to the forward).
+
+    Without ``logits`` the head runs on the last position only (``logits_to_keep=1``, in every 5.x causal LM), so
+    the cost does not grow with the vocabulary. ``model`` may be a DistributedDataParallel wrapper (``.module``):
+    it is called through the wrapper, so gradient synchronisation still happens."""
+    inner = getattr(model, "module", model)
+    seen: list[torch.Tensor] = []
+    handle = inner.get_decoder().register_forward_hook(lambda _m, _a, out: seen.append(out.last_hidden_state))
+    try:
+        out = model(input_ids=ids, use_cache=False, **({} if logits else {"logits_to_keep": 1}), **kwargs)
+    finally:
+        handle.remove()
+    return seen[-1], out

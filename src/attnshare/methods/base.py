@@ -20,6 +20,7 @@ class SharingMethod(ABC):
     name: ClassVar[str]
     baseline: ClassVar[bool] = False  # a simple alternative to sharing (removal), shown beside every method
     config_cls: ClassVar[type]
+    distill_target: ClassVar[str] = "logits"  # what `--distill-target auto` matches when training this method
     plan_cls: ClassVar[type[Plan]]
 
     @abstractmethod

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 Trainable = Callable[[str, torch.nn.Parameter], bool] | Iterable[str] | Iterable[tuple[str, torch.nn.Parameter]] | None
 
 CHECKPOINT_FORMAT = 1
+DISTILL_TARGETS = ("auto", "logits", "hidden")
 _STATE_FILE = "state.json"
 
 
@@ -69,6 +70,13 @@ class TrainConfig:
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in --out-dir"})
     distill_temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the KL distillation"})
     attention_kl_weight: float = field(default=0.0, metadata={"help": "weight of the per-layer attention-map KL"})
+    distill_target: str = field(
+        default="auto", metadata={"help": "what distillation matches: next-token logits (KL over the vocabulary), or "
+                                          "the LM head's input under the teacher's mean Fisher metric (hidden: "
+                                          "second-order KL, cost per token independent of the vocabulary); auto: "
+                                          "the method's choice (LiSA: hidden; others: logits)",
+                                  "choices": list(DISTILL_TARGETS)}
+    )
     cpu: bool = field(default=False, metadata={"help": "train on the CPU even when a CUDA GPU is present"})
     mixed_precision: str = field(default="no", metadata={"help": "autocast precision", "choices": ["no", "bf16"]})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
@@ -98,6 +106,11 @@ class TrainConfig:
             raise AttnshareError(f"max_minutes must be positive (or left unset), got {self.max_minutes!r}.")
         if not self.distill_temperature > 0 or self.attention_kl_weight < 0:
             raise AttnshareError("distill_temperature must be positive and attention_kl_weight zero or positive.")
+        if self.distill_target not in DISTILL_TARGETS:
+            raise AttnshareError(f"distill_target must be one of {', '.join(DISTILL_TARGETS)}, got {self.distill_target!r}.")
+        if self.distill_target == "hidden" and self.distill_temperature != 1.0:
+            raise AttnshareError("--distill-target hidden matches the temperature-1 distributions; drop "
+                                 "--distill-temperature or distil the logits.")
         if self.mixed_precision not in ("no", "bf16"):
             raise AttnshareError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}.")
         if self.resume and not self.out_dir:

@@ -7,11 +7,13 @@ An *objective* is a callable ``(model, batch, teacher) -> (loss, metrics)`` wher
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from ..hf_compat import head_input
 
 Objective = Callable[[Any, dict, Any], tuple[torch.Tensor, dict]]
 Pair = tuple[torch.Tensor | Sequence[torch.Tensor], torch.Tensor | Sequence[torch.Tensor]]
@@ -40,6 +42,47 @@ def kl_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
     t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (B, T, V)
     kl = (t.exp() * (t - s)).sum(-1)  # (B, T)
     return kl.mean() * temperature**2
+
+
+def head_metric(batches: Iterable[tuple[torch.Tensor, torch.Tensor]], weight: torch.Tensor, chunk: int = 256
+                ) -> torch.Tensor:
+    """Mean Fisher information of next-token distributions with respect to the LM head's input, (D,D) float32.
+
+    ``M = E_t[J^T (diag p_t - p_t p_t^T) J]`` with ``J = c W`` the head's Jacobian (``c`` fitted by least squares
+    from ``logits ~ c h W^T``: some families scale their logits); ``1/2 d^T M d`` is the KL, to second order, between
+    the next-token distributions of head inputs ``h`` and ``h + d``. ``batches`` yields (hidden (..,D), logits (..,V))
+    of the same tokens, weight (V,D) is the LM head. Costs N·V·D plus one V·D² product, once.
+    """
+    w = weight.detach().float()
+    d = w.shape[1]
+    mean_p = torch.zeros(w.shape[0], dtype=torch.float64, device=w.device)
+    outer = torch.zeros(d, d, dtype=torch.float64, device=w.device)
+    n, fit_num, fit_den = 0, 0.0, 0.0
+    for hidden, logits in batches:
+        hidden, logits = hidden.reshape(-1, d), logits.reshape(-1, w.shape[0])
+        for start in range(0, hidden.shape[0], chunk):
+            h, z = hidden[start : start + chunk].float(), logits[start : start + chunk].float()  # (n,D), (n,V)
+            p = torch.softmax(z, -1)  # (n,V)
+            mu = p @ w  # (n,D): E_p[W_v]
+            mean_p += p.sum(0).double()
+            outer += (mu.T @ mu).double()
+            u = h @ w.T  # (n,V)
+            fit_num += (u * z).sum().item()
+            fit_den += (u * u).sum().item()
+            n += h.shape[0]
+    if n == 0:
+        raise ValueError("head_metric needs at least one token.")
+    c2 = (fit_num / fit_den) ** 2 if fit_den else 1.0
+    spread = (w.T * (mean_p / n).float()) @ w  # (D,D): E_t[W^T diag(p_t) W]
+    return (c2 * (spread.double() - outer / n)).float()
+
+
+def hidden_kl(student: torch.Tensor, teacher: torch.Tensor, metric: torch.Tensor) -> torch.Tensor:
+    """Second-order next-token KL between LM-head inputs, ``1/2 d^T M d`` with d = student - teacher, mean per token.
+
+    student, teacher (B,T,D), metric (D,D) from :func:`head_metric` -> scalar. No vocabulary-sized tensor."""
+    delta = (student.float() - teacher.float()).reshape(-1, student.shape[-1])  # (B*T, D)
+    return 0.5 * ((delta @ metric) * delta).sum(-1).mean()
 
 
 def attention_map_kl(
@@ -108,10 +151,13 @@ def lm_objective(
     return objective
 
 
-def distill_objective(temperature: float = 1.0, attention_weight: float = 0.0) -> Objective:
+def distill_objective(temperature: float = 1.0, attention_weight: float = 0.0,
+                      metric: torch.Tensor | None = None) -> Objective:
     """KL distillation from ``teacher`` (run under no_grad), optionally plus per-layer attention-map KL.
 
-    The attention term needs both models to return attention probabilities (``output_attentions=True``, eager).
+    With ``metric`` (:func:`head_metric`) the KL is the second-order one between LM-head inputs (:func:`hidden_kl`),
+    so no vocabulary-sized logits are computed. The attention term needs both models to return attention
+    probabilities (``output_attentions=True``, eager).
     """
 
     def objective(model, batch: dict, teacher) -> tuple[torch.Tensor, dict]:
@@ -119,10 +165,16 @@ def distill_objective(temperature: float = 1.0, attention_weight: float = 0.0) -
             raise ValueError("distill_objective needs a teacher model.")
         ids = batch["input_ids"]  # (B, T)
         want_maps = attention_weight > 0
-        with torch.no_grad():
-            t_out = teacher(input_ids=ids, use_cache=False, output_attentions=want_maps)
-        s_out = model(input_ids=ids, use_cache=False, output_attentions=want_maps)
-        kl = kl_distill(s_out.logits, t_out.logits, temperature)
+        if metric is None:
+            with torch.no_grad():
+                t_out = teacher(input_ids=ids, use_cache=False, output_attentions=want_maps)
+            s_out = model(input_ids=ids, use_cache=False, output_attentions=want_maps)
+            kl = kl_distill(s_out.logits, t_out.logits, temperature)
+        else:
+            with torch.no_grad():
+                t_h, t_out = head_input(teacher, ids, output_attentions=want_maps)
+            s_h, s_out = head_input(model, ids, output_attentions=want_maps)
+            kl = hidden_kl(s_h, t_h, metric.to(s_h.device))
         if not want_maps:
             return kl, {"kl": kl.item()}
         att = attention_map_kl(s_out.attentions, t_out.attentions)

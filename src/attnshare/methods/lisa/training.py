@@ -12,10 +12,11 @@ from ...arch import attention
 from ...attention.context import DonorState
 from ...attention.dispatch import clear_hook, install, set_hook, uninstall
 from ...attention.functional import attention_scores, eager_attention, softmax_probs
+from ...hf_compat import head_input
 from ...models.loading import load_base
 from ...sharing.state import state_of
 from ...training.loop import batch_indices
-from ...training.losses import Objective, attention_map_kl, kl_distill
+from ...training.losses import Objective, attention_map_kl, hidden_kl, kl_distill
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,11 @@ def capture_maps(modules: dict[int, nn.Module]):
 
 
 def lisa_objective(model: nn.Module, teacher: nn.Module, layers: list[int], temperature: float = 1.0,
-                   attention_weight: float = 0.0) -> Objective:
+                   attention_weight: float = 0.0, metric: torch.Tensor | None = None) -> Objective:
     """KL(teacher || student) of next-token distributions (+ ``attention_weight`` x mean attention-map KL of the
-    LiSA layers). With the map term, the teacher runs eager attention so it returns its probabilities."""
+    LiSA layers). With ``metric`` the KL is the second-order one between LM-head inputs, so no vocabulary-sized
+    logits are computed (:func:`attnshare.training.losses.hidden_kl`). With the map term, the teacher runs eager
+    attention so it returns its probabilities."""
     want_maps = attention_weight > 0
     if want_maps:
         teacher.set_attn_implementation("eager")
@@ -52,10 +55,16 @@ def lisa_objective(model: nn.Module, teacher: nn.Module, layers: list[int], temp
     def objective(wrapped, batch: dict, teacher_model) -> tuple[torch.Tensor, dict]:
         ids = batch["input_ids"]  # (B, T)
         with torch.no_grad(), capture_maps(teacher_modules if want_maps else {}) as t_maps:
-            t_logits = teacher_model(input_ids=ids, use_cache=False).logits
+            if metric is None:
+                t_logits = teacher_model(input_ids=ids, use_cache=False).logits
+            else:
+                t_hidden, _ = head_input(teacher_model, ids)
         with capture_maps(student_modules if want_maps else {}) as s_maps:
-            s_logits = wrapped(input_ids=ids, use_cache=False).logits
-        kl = kl_distill(s_logits, t_logits, temperature)
+            if metric is None:
+                kl = kl_distill(wrapped(input_ids=ids, use_cache=False).logits, t_logits, temperature)
+            else:
+                s_hidden, _ = head_input(wrapped, ids)
+                kl = hidden_kl(s_hidden, t_hidden, metric.to(s_hidden.device))
         if not want_maps:
             return kl, {"kl": kl.item()}
         att = attention_map_kl([s_maps[layer] for layer in layers], [t_maps[layer] for layer in layers])
