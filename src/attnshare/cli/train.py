@@ -54,7 +54,7 @@ def run(args) -> int:
     result = attnshare.train(model, tokenizer, plans[0], config)
     out = attnshare.save(model, args.out)
     row = {"plan": plans[0].summary(), "steps": result.steps, "tokens": result.tokens,
-           "minutes": result.seconds / 60, "final loss": result.losses[-1][1] if result.losses else float("nan"),
+           "minutes": result.seconds / 60, "budget minutes": config.max_minutes, "final loss": result.losses[-1][1] if result.losses else float("nan"),
            "params": model.num_parameters(), "params saved": params_before - model.num_parameters(),
            **result.metrics}  # the objective's last-step metrics and method checks (PostShare: which weights kept)
     if before is not None:

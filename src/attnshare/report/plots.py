@@ -45,8 +45,15 @@ def pareto_plot(points: Sequence[Point], path: str | Path, *, xlabel: str, title
         ax.step([100 * p.saving for p in front], [p.ppl_ratio for p in front], where="post", color="grey",
                 linewidth=1, linestyle="--", label="Pareto front", zorder=2)
     ax.axhline(1.0, color="black", linewidth=0.6)
+    return finish(fig, ax, path, xlabel, "perplexity / base perplexity (lower is better)", title)
+
+
+def finish(fig, ax, path: str | Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Label, lay out, write and close a figure; returns its path."""
+    import matplotlib.pyplot as plt
+
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("perplexity / base perplexity (lower is better)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -56,3 +63,24 @@ def pareto_plot(points: Sequence[Point], path: str | Path, *, xlabel: str, title
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def curve_plot(series: dict[str, Sequence[tuple[float, float]]], path: str | Path, *, xlabel: str, ylabel: str,
+               title: str, logx: bool = False, reference: float | None = None) -> Path:
+    """One line per series of (x, y) points (e.g. ppl ratio against training minutes), ``reference`` drawn as a
+    horizontal line (the base model)."""
+    matplotlib = require("matplotlib", "plot")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for label, points in series.items():
+        xs, ys = zip(*sorted(points), strict=True)
+        ax.plot(xs, ys, marker="o", label=label, zorder=3)
+        for x, y in zip(xs, ys, strict=True):
+            ax.annotate(f"{y:.3g}", (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    if reference is not None:
+        ax.axhline(reference, color="black", linewidth=0.6)
+    if logx:
+        ax.set_xscale("log")
+    return finish(fig, ax, path, xlabel, ylabel, title)

@@ -120,18 +120,22 @@ class LiSA(SharingMethod):
         apply(model, plan)
         teacher = teacher if teacher is not None else load_teacher(model)
         local: list[float] = []
+        local_minutes = 0.0
         if plan.local_steps and not config.resume:  # a resumed run continues from a checkpoint made after it
             start = time.perf_counter()
             share = config.max_minutes * LOCAL_SHARE if config.max_minutes else None
             local = layer_local_fit(model, teacher, plan.layers, load_blocks(config, tokenizer), plan.local_steps,
                                     config, share, plan.local_repeats)
+            local_minutes = (time.perf_counter() - start) / 60
             if config.max_minutes:
-                left = config.max_minutes - (time.perf_counter() - start) / 60
-                config = dataclasses.replace(config, max_minutes=max(left, 0.05))
+                config = dataclasses.replace(config, max_minutes=max(config.max_minutes - local_minutes, 0.05))
         objective = lisa_objective(model, teacher, plan.layers, config.distill_temperature,
                                    config.attention_kl_weight,
                                    distillation(teacher, config, tokenizer, preferred=self.distill_target))
         result = train_shared(model, tokenizer, config, teacher=teacher, objective=objective)
         if local:
-            result.metrics.update({"local_steps": float(len(local)), "local_first": local[0], "local_last": local[-1]})
+            batches = -(-len(local) // plan.local_repeats)  # recorded teacher batches (each serves `repeats` steps)
+            result.metrics.update({"local_steps": float(len(local)), "local_first": local[0], "local_last": local[-1],
+                                   "local_minutes": local_minutes,
+                                   "local_tokens": float(batches * config.batch_size * config.seq_len)})
         return result
