@@ -102,6 +102,17 @@ def test_lr_factor():
     assert [lr_factor(s, 2, 10, "constant") for s in range(3)] == [0.5, 1.0, 1.0]
     assert lr_factor(2, 2, 10, "cosine") == 1.0 and lr_factor(10, 2, 10, "cosine") == pytest.approx(0.0)
     assert lr_factor(6, 2, 10, "linear") == pytest.approx(0.5)
+    # a time schedule: the decay follows the share of the budget spent, whatever the step
+    assert lr_factor(3, 2, 1000, "cosine", progress=1.0) == pytest.approx(0.0)
+    assert lr_factor(500, 2, 1000, "linear", progress=0.25) == pytest.approx(0.75)
+    assert lr_factor(0, 2, 1000, "cosine", progress=0.9) == 0.5  # warm-up still counts steps
+
+
+def test_time_progress_spans_the_budget_and_continues_a_resumed_schedule():
+    from attnshare.training.loop import time_progress
+
+    assert time_progress(0.0, 60.0) == 0.0 and time_progress(30.0, 60.0) == 0.5 and time_progress(90.0, 60.0) == 1.0
+    assert time_progress(30.0, 60.0, resumed_at=0.5) == pytest.approx(0.75)
 
 
 def test_global_batch_does_not_depend_on_its_split():
@@ -138,6 +149,7 @@ def test_select_trainable():
         {"checkpoint_every": -1}, {"distill_temperature": 0.0}, {"schedule": "step"},
         {"mixed_precision": "fp16"}, {"resume": True}, {"betas": (0.9, 1.0)}, {"max_tokens": 8, "seq_len": 32},
         {"distill_target": "probs"}, {"distill_target": "hidden", "distill_temperature": 2.0},
+        {"schedule_by": "wall"}, {"schedule_by": "time"},
     ],
 )
 def test_bad_config_gives_one_sentence(bad):

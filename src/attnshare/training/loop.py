@@ -36,6 +36,7 @@ Trainable = Callable[[str, torch.nn.Parameter], bool] | Iterable[str] | Iterable
 
 CHECKPOINT_FORMAT = 1
 DISTILL_TARGETS = ("auto", "logits", "hidden")
+SCHEDULE_CLOCKS = ("auto", "steps", "time")
 _STATE_FILE = "state.json"
 
 
@@ -57,6 +58,11 @@ class TrainConfig:
     warmup: int = field(default=0, metadata={"help": "linear warm-up steps"})
     schedule: str = field(
         default="cosine", metadata={"help": "learning-rate decay after warm-up", "choices": ["cosine", "linear", "constant"]}
+    )
+    schedule_by: str = field(
+        default="steps", metadata={"help": "what the decay follows: optimizer steps (--max-steps), or the time budget "
+                                          "(--minutes: the learning rate reaches its end when the budget does); auto: "
+                                          "time when --minutes is set", "choices": list(SCHEDULE_CLOCKS)}
     )
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 = no clipping)"})
     max_steps: int = field(default=100, metadata={"help": "optimizer steps"})
@@ -106,6 +112,10 @@ class TrainConfig:
             raise AttnshareError(f"max_minutes must be positive (or left unset), got {self.max_minutes!r}.")
         if not self.distill_temperature > 0 or self.attention_kl_weight < 0:
             raise AttnshareError("distill_temperature must be positive and attention_kl_weight zero or positive.")
+        if self.schedule_by not in SCHEDULE_CLOCKS:
+            raise AttnshareError(f"schedule_by must be one of {', '.join(SCHEDULE_CLOCKS)}, got {self.schedule_by!r}.")
+        if self.schedule_by == "time" and self.max_minutes is None:
+            raise AttnshareError("--schedule-by time decays over the time budget; set --minutes too.")
         if self.distill_target not in DISTILL_TARGETS:
             raise AttnshareError(f"distill_target must be one of {', '.join(DISTILL_TARGETS)}, got {self.distill_target!r}.")
         if self.distill_target == "hidden" and self.distill_temperature != 1.0:
@@ -134,16 +144,25 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------- pure helpers
 
 
-def lr_factor(step: int, warmup: int, max_steps: int, schedule: str) -> float:
-    """Learning-rate multiplier for 0-based optimizer ``step``: linear warm-up, then cosine/linear decay or flat."""
+def lr_factor(step: int, warmup: int, max_steps: int, schedule: str, progress: float | None = None) -> float:
+    """Learning-rate multiplier for 0-based optimizer ``step``: linear warm-up, then cosine/linear decay or flat.
+
+    The decay follows the steps after warm-up, or ``progress`` (0..1, the share of a time budget spent) if given."""
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":
         return 1.0
-    progress = (step - warmup) / max(1, max_steps - warmup)
+    if progress is None:
+        progress = (step - warmup) / max(1, max_steps - warmup)
     if schedule == "linear":
         return max(0.0, 1.0 - progress)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def time_progress(elapsed: float, budget: float, resumed_at: float = 0.0) -> float:
+    """Share (0..1) of a time schedule reached after ``elapsed`` of this run's ``budget`` seconds, for a run that
+    resumed a schedule already ``resumed_at`` through (it decays the rest over its own budget)."""
+    return min(1.0, resumed_at + (1.0 - resumed_at) * elapsed / budget)
 
 
 def batch_indices(
@@ -380,7 +399,8 @@ def train(
 def _run(wrapped, model, objective, teacher, optimizer, names, blocks, config, accelerator, fingerprint) -> TrainResult:
     rank, world = accelerator.process_index, accelerator.num_processes
     out_dir = Path(config.out_dir) if config.out_dir else None
-    start_step, tokens, losses, checkpoint = 0, 0, [], None
+    start_step, tokens, losses, checkpoint, resumed_at = 0, 0, [], None, 0.0
+    by_time = config.max_minutes is not None and config.schedule_by in ("auto", "time")
     global_batch = config.batch_size * world * config.grad_accum  # blocks per optimizer step
     tokens_per_step = global_batch * config.seq_len
     layout = {"seq_len": config.seq_len, "global_batch": global_batch, "seed": config.seed}
@@ -390,6 +410,7 @@ def _run(wrapped, model, objective, teacher, optimizer, names, blocks, config, a
             raise AttnshareError(f"There is no checkpoint in {out_dir} to resume from; drop --resume to start fresh.")
         state = load_checkpoint(folder, model, optimizer, names, fingerprint, rank, layout)
         start_step, tokens, losses = state["step"], state["tokens"], [tuple(x) for x in state["losses"]]
+        resumed_at = float(state.get("progress", 0.0))
         checkpoint = str(folder)
         log.info("Resumed from %s at step %d", folder, start_step)
 
@@ -399,19 +420,20 @@ def _run(wrapped, model, objective, teacher, optimizer, names, blocks, config, a
         disable=not (config.progress and accelerator.is_main_process),
     )
     start_time, stopped, metrics = time.perf_counter(), "max_steps", {}
+    progress = resumed_at if by_time else None  # share of the time schedule reached, agreed by every process
 
     def checkpoint_now(step: int) -> str | None:
         if out_dir is None:
             return None
         folder = out_dir / f"checkpoint-{step:08d}"
         state = {"step": step, "tokens": tokens, "losses": losses, "fingerprint": fingerprint, "layout": layout,
-                 "world_size": world, "config": asdict(config)}
+                 "world_size": world, "config": asdict(config), "progress": progress or 0.0}
         save_checkpoint(folder, model, optimizer, names, state, accelerator)
         return str(folder)
 
     step = start_step
     while step < config.max_steps:
-        lr = config.lr * lr_factor(step, config.warmup, config.max_steps, config.schedule)
+        lr = config.lr * lr_factor(step, config.warmup, config.max_steps, config.schedule, progress)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum, per_micro = torch.zeros((), device=accelerator.device), []
@@ -445,8 +467,10 @@ def _run(wrapped, model, objective, teacher, optimizer, names, blocks, config, a
         if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.max_steps:
             checkpoint = checkpoint_now(step)
         if config.max_minutes is not None and step < config.max_steps:
-            out_of_time = torch.tensor(float(elapsed >= config.max_minutes * 60), device=accelerator.device)
-            if accelerator.reduce(out_of_time, reduction="sum").item() > 0:  # every process stops at the same step
+            spent = accelerator.reduce(torch.tensor(elapsed, device=accelerator.device), reduction="max").item()
+            if by_time:  # every process takes the same learning rate next step
+                progress = time_progress(spent, config.max_minutes * 60, resumed_at)
+            if spent >= config.max_minutes * 60:  # every process stops at the same step
                 stopped = "max_minutes"
                 log.info("Stopping at step %d: the %.3g-minute budget is spent.", step, config.max_minutes)
                 break
