@@ -7,6 +7,7 @@ The pipeline is a list of named steps; each step adds variants (table rows), sec
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import time
@@ -168,16 +169,18 @@ def step_equal_savings(report: Report, model, tokenizer) -> None:
 
 def step_lisa(report: Report, model, tokenizer) -> None:
     cfg, lisa = report.config, get_method("lisa")
-    key = f"{model_identity(model)['fingerprint']}-v{__version__}-f{cfg.lisa_fraction:g}-m{cfg.lisa_minutes:g}-c{cfg.calib_tokens}"
+    config = lisa.config_cls(fraction=cfg.lisa_fraction, **_lisa_settings(lisa, cfg))
+    budget = TrainConfig(max_minutes=cfg.lisa_minutes, max_steps=100_000, progress=False)
+    # the cache key names the recipe (every planning and training setting), so a changed default retrains
+    recipe = json.dumps([asdict(config), asdict(budget)], sort_keys=True, default=str)
+    key = f"{model_identity(model)['fingerprint']}-v{__version__}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
     cached = cache_dir() / "demo" / f"lisa-{key}"
     shared = _load_cached(cached, model)
     if shared is not None:
         notes = f"trained {cfg.lisa_minutes:g} min (cached artifact)"
     else:
-        config = lisa.config_cls(fraction=cfg.lisa_fraction, **_lisa_settings(lisa, cfg))
         plan = lisa.make_plan(model, config)
         shared = copy.deepcopy(model)
-        budget = TrainConfig(max_minutes=cfg.lisa_minutes, max_steps=100_000, progress=False)
         result = train(shared, tokenizer, plan, budget)
         save(shared, cached)
         local = int(result.metrics.get("local_steps", 0))
