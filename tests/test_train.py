@@ -468,3 +468,18 @@ def test_two_processes_match_one(tmp_path):
     p2, p1 = (load_file(str(tmp_path / k / "params.safetensors")) for k in ("two", "one"))
     for key in p1:
         torch.testing.assert_close(p2[key], p1[key], atol=1e-5, rtol=1e-4)
+
+
+def test_minutes_report_refuses_folders_without_a_budget_in_one_sentence(tmp_path):
+    """``python -m attnshare.report.minutes``: a folder without train.json, or a record without its budget (and no
+    --budgets), or --budgets of the wrong length, each get one sentence and no traceback."""
+    from attnshare.report.minutes import main, read_training
+
+    with pytest.raises(AttnshareError, match="has no train.json"):
+        read_training(tmp_path)
+    (tmp_path / "train.json").write_text(json.dumps({"steps": 3}))
+    with pytest.raises(AttnshareError, match="records no budget .* pass it with --budgets"):
+        read_training(tmp_path)
+    assert read_training(tmp_path, 5.0)["budget minutes"] == 5.0
+    with pytest.raises(SystemExit, match=r"^error: --budgets lists 2 values for 1 artifacts\.$"):
+        main([str(tmp_path), "--budgets", "1", "2"])
