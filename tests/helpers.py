@@ -20,11 +20,12 @@ def greedy_no_cache(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
     return out
 
 
-def greedy_generate(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
+def greedy_generate(model, ids: torch.Tensor, steps: int, **kw) -> torch.Tensor:
+    """Cached greedy ``generate`` of exactly ``steps`` tokens (``kw``: e.g. ``cache_implementation="static"``)."""
     with torch.no_grad():
         return model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
-            pad_token_id=0, eos_token_id=None,
+            pad_token_id=0, eos_token_id=None, **kw,
         )
 
 

@@ -188,9 +188,40 @@ def test_bench_cli_writes_table_and_json(tiny_folder, tmp_path, capsys):
     assert set(data["profiles"]) == {"base", "sa"} and "Profile of `sa`, prefill" in printed
 
 
+def test_bench_on_a_static_cache_holds_the_plan_widths():
+    """``--cache static``: every variant fills one preallocated cache (prompt + new tokens) per repeat; an SA
+    receiver's slot holds V only there too."""
+    base = tiny_model("llama")
+    scenario = Scenario("t", batch=2, context=12, new_tokens=3)
+    config = BenchConfig(repeats=2, warmup=1, device="cpu", progress=False, cache="static")
+    result = run_bench([base_variant(base), plan_variant(base, _sa(base), name="sa")], scenario, config)
+    for v in result.variants:
+        assert v.kv_bytes == kv_cache_bytes(v.costs.kv_bytes_per_token, v.costs.windows, 2, 12 + 3)
+        assert v.path == "eager, static cache" and v.compile_s is None
+    assert result.variants[1].kv_bytes < result.variants[0].kv_bytes
+    assert "| eager, static cache |" in result.to_markdown()
+
+
+def test_bench_cli_compiled_runs_every_variant_compiled_beside_the_eager_base(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "c.json"
+    argv = ["bench", "--model", str(tiny_folder), "--scenario", "tiny", "--new-tokens", "3", "--repeats", "1",
+            "--device", "cpu", "--compile", "--method", "sa", "--receivers", "2", "3", "--json", str(out),
+            "--no-progress"]
+    assert main(argv) == 0
+    variants = json.loads(out.read_text())["variants"]
+    assert [(v["name"], v["path"]) for v in variants] == [
+        ("base", "compiled, static cache"), ("sa", "compiled, static cache"), ("base (eager)", "eager, dynamic cache")]
+    assert all(v["compile_s"] > 0 for v in variants[:2]) and variants[2]["compile_s"] is None
+    assert variants[1]["kv_bytes"] < variants[0]["kv_bytes"] == variants[2]["kv_bytes"]
+    assert "| sa | compiled, static cache |" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--scenario", "huge", "--method", "sa", "--receivers", "2"], "Unknown scenario"),
     (["--max-batch", "--method", "sa", "--receivers", "2"], "--memory-budget-gb"),
+    (["--compile", "--cache", "dynamic", "--method", "sa", "--receivers", "2"], "--compile needs a static cache"),
+    (["--cache", "static", "--prefill-batch", "1", "--method", "sa", "--receivers", "2"], "real prefill"),
+    (["--cache", "paged", "--method", "sa", "--receivers", "2"], "--cache must be"),
     ([], "Give a variant"),
     (["--artifact", "/nonexistent"], "not an attnshare artifact"),
 ])

@@ -35,6 +35,19 @@ def test_apply_then_eval_and_generate_from_artifact(tiny_folder, tmp_path, capsy
     assert capsys.readouterr().out.startswith("abc")
 
 
+def test_generate_compiled_writes_what_eager_writes(tiny_folder, tmp_path, capsys):
+    """``--compile``: a static cache and a compiled decode step give the same greedy text."""
+    folder, _ = tiny_folder
+    art = tmp_path / "art"
+    assert main(["apply", "--model", str(folder), "--method", "sa", "--receivers", "2", "3", "--out", str(art)]) == 0
+    texts = []
+    for extra in ([], ["--compile"]):
+        capsys.readouterr()
+        assert main(["generate", "--model", str(art), "--prompt", "abc", "--max-new-tokens", "6", *extra]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].startswith("abc")
+
+
 def test_train_cli_heals_and_writes_an_artifact(tiny_folder, tmp_path):
     folder, text = tiny_folder
     art = tmp_path / "healed"

@@ -8,9 +8,12 @@ GQA model each (Gemma3 alternates sliding and full layers). Each test is one pro
 2. cached greedy ``generate`` (32 new tokens) == step-by-step argmax decoding without a cache;
 3. cached beam search == the same beam search without a cache;
 4. a left-padded batch == each prompt alone (last logits, greedy continuation);
-5. KV-cache tensors and parameter counts equal formulas written from the model config and the plan;
+   (2-4 with HF's dynamic cache and with its static cache, ``cache_implementation="static"``)
+5. KV-cache tensors (dynamic and static) and parameter counts equal formulas written from the config and the plan;
 6. save -> load (onto a given base, and from the artifact alone) reproduces the logits bit for bit;
-7. unapply restores the base model bit for bit (originals kept, and freed weights reloaded from the base).
+7. unapply restores the base model bit for bit (originals kept, and freed weights reloaded from the base);
+8. ``torch.compile(fullgraph=True)`` traces the forward without a graph break, in a prefill (without a cache and
+   into a static cache) and in static-cache decode steps, and the compiled logits equal eager ones.
 
 A new method joins with one ``Entry`` in ``METHODS``; a new architecture with one name in ``conftest.ARCH_NAMES``.
 Untrained modules are moved off their initialisation by ``Entry.perturb`` so the contract sees non-trivial weights.
@@ -28,6 +31,7 @@ import pytest
 import torch
 from conftest import ARCH_NAMES, tiny_checkpoint
 from helpers import (
+    cache_keyword,
     cache_layer_bytes,
     cached_forward,
     greedy_generate,
@@ -391,32 +395,39 @@ def test_neutral_plan_is_the_base_exactly(entry, arch, bases):
 # ------------------------------------------------------------------------------------------------- 2. greedy
 
 
+CACHES = {"dynamic": {}, "static": {"cache_implementation": "static"}}  # generate's keywords for each cache kind
+caches = pytest.mark.parametrize("cache", list(CACHES))
+
+
+@caches
 @contract
-def test_cached_greedy_generate_equals_no_cache_decoding(entry, arch, bases):
+def test_cached_greedy_generate_equals_no_cache_decoding(entry, arch, cache, bases):
     model, _ = shared(entry, bases(arch))
     ids = random_ids(2, 10, seed=1)  # 10 + 32 tokens: far past Gemma3's sliding window of 8
-    assert torch.equal(greedy_generate(model, ids, 32), greedy_no_cache(model, ids, 32))
+    assert torch.equal(greedy_generate(model, ids, 32, **CACHES[cache]), greedy_no_cache(model, ids, 32))
 
 
 # --------------------------------------------------------------------------------------------------- 3. beams
 
 
+@caches
 @contract
-def test_cached_beam_search_equals_no_cache(entry, arch, bases):
+def test_cached_beam_search_equals_no_cache(entry, arch, cache, bases):
     """Beam search reorders every cache slot (V-only, low-rank K or plain) and must keep them consistent."""
     model, _ = shared(entry, bases(arch))
     ids = random_ids(2, 7, seed=3)
     kw = {"attention_mask": torch.ones_like(ids), "num_beams": 3, "max_new_tokens": 6, "do_sample": False,
           "pad_token_id": 0}
     with torch.no_grad():
-        assert torch.equal(model.generate(ids, **kw), model.generate(ids, **kw, use_cache=False))
+        assert torch.equal(model.generate(ids, **kw, **CACHES[cache]), model.generate(ids, **kw, use_cache=False))
 
 
 # ------------------------------------------------------------------------------------------------- 4. padding
 
 
+@caches
 @contract
-def test_left_padded_batch_equals_each_prompt_alone(entry, arch, bases):
+def test_left_padded_batch_equals_each_prompt_alone(entry, arch, cache, bases):
     model, _ = shared(entry, bases(arch))
     prompts = [random_ids(1, 7, seed=2)[0], random_ids(1, 12, seed=1)[0]]
     ids, mask = left_pad(prompts)  # row 0 has 5 pads
@@ -426,7 +437,7 @@ def test_left_padded_batch_equals_each_prompt_alone(entry, arch, bases):
           "eos_token_id": None}
     with torch.no_grad():
         last = model(ids, attention_mask=mask, position_ids=positions, use_cache=False).logits[:, -1]
-        both = model.generate(ids, attention_mask=mask, **kw)
+        both = model.generate(ids, attention_mask=mask, **kw, **CACHES[cache])
     for row, prompt in enumerate(prompts):
         alone = prompt.unsqueeze(0)
         torch.testing.assert_close(last[row], logits(model, alone)[0, -1], rtol=1e-4, atol=1e-4)
@@ -475,6 +486,38 @@ def test_kv_cache_bytes_exact(entry, arch, bases):
         assert cache_layer_bytes(cache) == slot_bytes(want), f"after {n} tokens"
         if n == tokens:
             _, cache = cached_forward(model, ids[:, tokens:], cache=cache)
+
+
+def expected_static_slots(dims: Dims, widths: dict[int, int], batch: int, max_len: int,
+                          value_widths: dict[int, int]) -> list[tuple[tuple, tuple]]:
+    """(K shape, V shape) of every static slot: max_len tokens, a sliding slot its window (HF's static layout)."""
+    slots = []
+    for layer in range(dims.L):
+        kept = min(max_len, dims.window) if dims.layer_types[layer] == "sliding_attention" and dims.window else max_len
+        slots.append(((batch, dims.Hkv, kept, widths.get(layer, dims.d)),
+                      (batch, dims.Hkv, kept, value_widths.get(layer, dims.d))))
+    return slots
+
+
+@contract
+def test_static_cache_bytes_exact(entry, arch, bases):
+    """A static cache preallocates every slot, and each holds exactly the widths the plan says (an SA receiver no
+    K, a LiSA layer k_lr of width r, a removed layer nothing), before and after a decode step."""
+    from transformers import StaticCache
+
+    base = bases(arch)
+    dims = base.dims
+    batch, tokens, max_len = 2, 12, 24
+    ids = random_ids(batch, tokens + 1, seed=4)
+    model, plans = shared(entry, base)
+    want = expected_static_slots(dims, entry.key_widths(dims, plans), batch, max_len,
+                                 entry.value_widths(dims, plans))
+    cache = StaticCache(config=model.config, max_cache_len=max_len)
+    _, cache = cached_forward(model, ids[:, :tokens], cache=cache)
+    assert slot_shapes(cache) == want
+    assert cache_layer_bytes(cache) == slot_bytes(want)
+    _, cache = cached_forward(model, ids[:, tokens:], cache=cache)
+    assert slot_shapes(cache) == want, "after a decode step"
 
 
 @contract
@@ -540,6 +583,63 @@ def test_unapply_restores_the_base_exactly(entry, arch, bases):
         assert not hasattr(model, "attnshare_state")
         assert not any(hasattr(m, "attnshare_hook") for m in model.modules())
         assert torch.equal(greedy_generate(model, ids, 8), base_tokens), f"keep_originals={keep}"
+
+
+# ------------------------------------------------------------------------------------------------- 8. compile
+
+COMPILE_ARCH = "gemma3_text"  # the hardest tiny layout: sliding and full layers, different RoPE bases, q/k norms
+
+
+@pytest.mark.parametrize("entry", METHODS, ids=str)
+def test_compiled_forward_has_no_graph_break_and_equals_eager(entry, bases):
+    """``fullgraph=True`` fails on any graph break. Dynamo's own ``eager`` backend runs the traced graph as is, so
+    this checks what the compiler sees (the donor hand-off, the cache slots, LiSA's query blocks) at test speed;
+    inductor's code generation is exercised on the real model by ``attnshare bench --compile``."""
+    from transformers import StaticCache
+
+    model, _ = shared(entry, bases(COMPILE_ARCH))
+    for module in model.modules():
+        if hasattr(module, "block_rows") and module.block_rows:
+            module.block_rows = 8  # LiSA's blockwise prefill: 3 query blocks of a 20-token prompt
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward, fullgraph=True, backend="eager")
+    ids = random_ids(2, 20, seed=5)
+    caches = [StaticCache(config=model.config, max_cache_len=24) for _ in range(2)]  # compiled, eager
+    cached_forward(model, ids[:, :1], cache=caches[0])  # slots laid out eagerly first, as HF advises: a compiled
+    caches[0].reset()  # graph that allocated them would be replaced once they exist
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=ids, use_cache=False).logits, logits(model, ids))
+        got = compiled(input_ids=ids, use_cache=True, **{cache_keyword(model): caches[0]}).logits
+        want, _ = cached_forward(model, ids, cache=caches[1])
+        torch.testing.assert_close(got, want)
+        for step in range(3):  # past Gemma3's window of 8 and into the decode graph twice (no recompilation needed)
+            nxt = want[:, -1:].argmax(-1)
+            got = compiled(input_ids=nxt, use_cache=True, **{cache_keyword(model): caches[0]}).logits
+            want, _ = cached_forward(model, nxt, cache=caches[1])
+            torch.testing.assert_close(got, want, msg=lambda m, step=step: f"decode step {step}: {m}")
+
+
+def test_inductor_compiled_decode_equals_eager(bases):
+    """The CPU inductor backend generates code for a shared decode step (SA receivers reading a donor's
+    probabilities, LiSA layers reading low-rank k from the same static cache) that matches eager."""
+    from transformers import StaticCache
+
+    model = bases("llama").fresh()
+    attnshare.apply(model, [SAPlan(donors={3: 2}), LiSAPlan(layers=[1, 2], head_map={1: LISA_MAPS[1], 2: LISA_MAPS[2]},
+                                                             rank=4, ffn_width=2)])
+    perturb_lisa(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model.forward, fullgraph=True)
+    ids = random_ids(2, 12, seed=6)
+    caches = [StaticCache(config=model.config, max_cache_len=16) for _ in range(2)]
+    with torch.no_grad():
+        want, _ = cached_forward(model, ids, cache=caches[0])
+        cached_forward(model, ids, cache=caches[1])
+        for _ in range(2):
+            nxt = want[:, -1:].argmax(-1)
+            got = compiled(input_ids=nxt, use_cache=True, **{cache_keyword(model): caches[1]}).logits
+            want, _ = cached_forward(model, nxt, cache=caches[0])
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_every_registered_method_has_a_contract_entry(bases):

@@ -179,18 +179,29 @@ FAMILIES: dict[str, Family] = {
 assert sorted(FAMILIES) == sorted(OTHER_ARCHS)
 
 
-# contract property -> the contract suite's test of it (called with the family's bases; save_load also gets tmp_path)
+# contract property -> the contract suite's test of it, called as (entry, family, bases, tmp_path)
+def on_cache(test: Callable, cache: str) -> Callable:
+    return lambda entry, name, bases, _tmp: test(entry, name, cache, bases)
+
+
+def plain(test: Callable) -> Callable:
+    return lambda entry, name, bases, _tmp: test(entry, name, bases)
+
+
 PROPERTIES: dict[str, Callable] = {
-    "neutral": contract.test_neutral_plan_is_the_base_exactly,
-    "greedy": contract.test_cached_greedy_generate_equals_no_cache_decoding,
-    "beams": contract.test_cached_beam_search_equals_no_cache,
-    "padding": contract.test_left_padded_batch_equals_each_prompt_alone,
-    "kv_bytes": contract.test_kv_cache_bytes_exact,
-    "parameters": contract.test_parameter_count_exact,
-    "save_load": contract.test_save_load_reproduces_logits,
-    "unapply": contract.test_unapply_restores_the_base_exactly,
+    "neutral": plain(contract.test_neutral_plan_is_the_base_exactly),
+    **{f"greedy{suffix}": on_cache(contract.test_cached_greedy_generate_equals_no_cache_decoding, cache)
+       for cache, suffix in (("dynamic", ""), ("static", "_static"))},
+    **{f"beams{suffix}": on_cache(contract.test_cached_beam_search_equals_no_cache, cache)
+       for cache, suffix in (("dynamic", ""), ("static", "_static"))},
+    **{f"padding{suffix}": on_cache(contract.test_left_padded_batch_equals_each_prompt_alone, cache)
+       for cache, suffix in (("dynamic", ""), ("static", "_static"))},
+    "kv_bytes": plain(contract.test_kv_cache_bytes_exact),
+    "kv_bytes_static": plain(contract.test_static_cache_bytes_exact),
+    "parameters": plain(contract.test_parameter_count_exact),
+    "save_load": lambda entry, name, bases, tmp: contract.test_save_load_reproduces_logits(entry, name, bases, tmp),
+    "unapply": plain(contract.test_unapply_restores_the_base_exactly),
 }
-NEEDS_TMP_PATH = {"save_load"}
 
 
 def property_case(entry, name: str, prop: str):
@@ -224,7 +235,7 @@ def family_bases(tmp_path_factory) -> Callable[[str], contract.Base]:
 
 @pytest.mark.parametrize("entry, name, prop", WORKING)
 def test_contract_property_on_family(entry, name, prop, family_bases, tmp_path):
-    PROPERTIES[prop](entry, name, family_bases, *([tmp_path] if prop in NEEDS_TMP_PATH else []))
+    PROPERTIES[prop](entry, name, family_bases, tmp_path)
 
 
 @pytest.mark.parametrize("entry, name", REFUSED)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from importlib import metadata
 
 import torch
-from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache, DynamicLayer
+from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache, DynamicLayer, StaticCache
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +125,34 @@ def new_cache(model) -> DynamicCache:
     return DynamicCache(config=model.config)
 
 
+def new_static_cache(model, max_len: int) -> StaticCache:
+    """An empty static cache for ``model`` holding up to ``max_len`` tokens (sliding slots hold their window).
+
+    Its slots allocate K and V from the shapes of their first update (5.17-5.24), so a shared layer's slot holds
+    what the layer writes: a zero-width K (SA receivers, removed layers) or LiSA's low-rank k, as a dynamic slot
+    would; ``generate(cache_implementation="static")`` builds the same cache."""
+    return StaticCache(config=model.config, max_cache_len=max_len)
+
+
+def compiled_generation() -> dict:
+    """``generate`` keywords for the fast path: a static cache and each decode step compiled as one graph
+    (``fullgraph``, static shapes; the prefill stays eager, as HF does). HF compiles by itself on CUDA only; 5.17-5.24
+    enable every other device through ``CompileConfig``'s ``_compile_all_devices``."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=True, dynamic=False)
+    config._compile_all_devices = True
+    return {"cache_implementation": "static", "compile_config": config}
+
+
+def reset_cache(cache) -> None:
+    """Empty a cache in place, keeping its tensors (a static cache's buffers stay where a compiled graph saw them).
+
+    Slots first filled under ``torch.inference_mode`` hold inference tensors, which only that mode may change."""
+    with torch.inference_mode():
+        cache.reset()
+
+
 class ValueOnlyLayer(DynamicLayer):
     """A dynamic cache slot whose K is zero-width (an SA receiver's): its length is read off V.
 
@@ -180,6 +208,22 @@ def decoder_layer_output(hidden: torch.Tensor):
 def update_kv(cache, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
     """Append K (B,Hkv,T,dk) and V (B,Hkv,T,dv) to slot ``layer_idx``; returns the cached K and V (…,S,…)."""
     return cache.update(k, v, layer_idx)
+
+
+def slot_start(cache, layer_idx: int, keys: int) -> int:
+    """Index of the first token among the ``keys`` keys slot ``layer_idx`` returned on its latest update.
+
+    A full-attention slot returns every token from the first (a static one also its unwritten tail): 0. A sliding
+    slot returns its last ``keys`` tokens, or its whole window while it is not yet full: it counts the tokens it has
+    seen (a static sliding slot in a python int, its tensor counter stops at the window). Python ints only, so a
+    compiled forward reads no tensor here."""
+    layer = cache.layers[layer_idx]
+    if not getattr(layer, "is_sliding", False):
+        return 0
+    seen = getattr(layer, "cumulative_length_int", None)
+    if seen is None:
+        seen = layer.cumulative_length
+    return max(seen - keys, 0)
 
 
 def slot_tensors(cache) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None]]:

@@ -14,7 +14,7 @@ import torch
 from ..errors import AttnshareError
 from ..hf_compat import attention_function, attn_implementation, register_attention
 from .context import DonorState, ShareContext
-from .functional import attention_scores, eager_attention, softmax_probs
+from .functional import attention_scores, eager_attention, reachable_keys, softmax_probs
 
 PREFIX = "attnshare_"
 BASES = ("sdpa", "eager")
@@ -82,6 +82,7 @@ class Publisher:
 
     def __call__(self, module, fn, q, k, v, mask, scaling=None, dropout=0.0, **kwargs):
         scaling = module.scaling if scaling is None else scaling
+        k, v = reachable_keys(k, v, mask, q.shape[-2])  # a static cache's first prefill: its real keys only
         softcap = kwargs.get("softcap")
         needs_map = self.need_scores and torch.is_grad_enabled()  # autograd through a LiSA consumer's scores
         # SDPA has no logit soft-capping (Gemma-2): a soft-capped donor publishes its probabilities instead

@@ -25,6 +25,18 @@ def causal_bool_mask(tq: int, s: int, device: torch.device) -> torch.Tensor:
     return torch.arange(s, device=device)[None, :] <= q_pos
 
 
+def reachable_keys(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, tq: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """k (B,Hk,S,dk) and v (B,Hv,S,dv) cut to the keys a block of ``tq`` queries can reach.
+
+    A prefill of Tq > 1 tokens into an empty static cache of S > Tq slots comes with no mask: HF relies on SDPA's
+    upper-left ``is_causal``, under which only the first Tq keys are real. Cut to them, the block is the plain
+    causal case (Tq == S) that every function here reads a missing mask as; anything else passes unchanged."""
+    if mask is None and 1 < tq < k.shape[-2]:
+        return k[..., :tq, :], v[..., :tq, :]  # (B,Hk,Tq,dk), (B,Hv,Tq,dv)
+    return k, v
+
+
 def grouped_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-head a @ b where b has fewer (kv) heads: a (B,H,M,K), b (B,Hkv,K,N) -> (B,H,M,N), b never expanded."""
     bsz, h, m, _ = a.shape

@@ -6,6 +6,11 @@ variants run ``new_tokens`` greedy decode steps in lockstep, one step of each in
 repeat), so load changes on a shared machine hit every variant alike. Ratios are the median over repeats of the variant's speed over the base's speed in the same repeat,
 and each sits next to the byte model's ideal ratio (:mod:`.bytemodel`).
 
+``--compile`` runs every variant through ``torch.compile(fullgraph=True)`` with a static cache (one graph for the
+prefill shape, one for the decode step; a graph break is an error), after a full-shape warm-up that compiles; the
+compile time is reported apart, and the eager base with a dynamic cache is benchmarked beside them as the path the
+compiled ones replace.
+
 Max-batch mode turns KV savings into throughput (as the LiSA paper measures): each variant decodes at the largest
 batch whose parameters + KV cache fit a memory budget. Its cache is built by one batch-1 prefill, tiled over the
 batch (decode speed does not depend on the cached values), so huge batches stay affordable on a CPU.
@@ -30,7 +35,7 @@ from tqdm.auto import tqdm
 
 from ..api import apply, load, read_artifact
 from ..errors import AttnshareError
-from ..hf_compat import extend_cache, new_cache, tile_cache, with_cache
+from ..hf_compat import extend_cache, new_cache, new_static_cache, reset_cache, tile_cache, with_cache
 from ..memory import cache_bytes, parameter_bytes
 from . import bytemodel
 from .bytemodel import ModelCosts
@@ -84,10 +89,14 @@ def get_scenario(name: str, batch: int | None = None, context: int | None = None
 
 @dataclass
 class Variant:
-    """A named model to benchmark; ``build`` returns it (the base, or a copy of the base with plans applied)."""
+    """A named model to benchmark; ``build`` returns it (the base, or a copy of the base with plans applied).
+
+    ``eager`` keeps a variant on the eager path with a dynamic cache when the others are compiled (the reference
+    the fast path is measured against)."""
 
     name: str
     build: Callable[[], nn.Module]
+    eager: bool = False
 
 
 def base_variant(base: nn.Module, name: str = "base") -> Variant:
@@ -135,6 +144,16 @@ class BenchConfig:
     note: str = field(default="", metadata={"help": "machine note recorded with the results (e.g. 'shared with other jobs')"})
     seed: int = field(default=0, metadata={"help": "seed of the random prompt tokens"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    cache: str = field(default="auto", metadata={
+        "help": "KV cache: dynamic (grows each step), static (preallocated for prompt + new tokens) or auto "
+                "(static with --compile, else dynamic)"})
+    compile: bool = field(default=False, metadata={
+        "help": "run every variant through torch.compile(fullgraph=True) on a static cache (compile time reported "
+                "apart), beside the eager base on a dynamic cache"})
+
+    @property
+    def cache_kind(self) -> str:
+        return "static" if self.cache == "static" or (self.cache == "auto" and self.compile) else "dynamic"
 
     def __post_init__(self) -> None:
         if self.repeats < 1 or self.warmup < 0:
@@ -147,6 +166,14 @@ class BenchConfig:
             raise AttnshareError("--prefill-batch must be 0 (the whole batch) or a positive number of sequences.")
         if self.max_batch and self.memory_budget_gb <= 0:
             raise AttnshareError("--max-batch needs --memory-budget-gb with a positive budget in GB.")
+        if self.cache not in ("auto", "dynamic", "static"):
+            raise AttnshareError(f"--cache must be auto, dynamic or static, not '{self.cache}'.")
+        if self.compile and self.cache == "dynamic":
+            raise AttnshareError("--compile needs a static cache (a dynamic one changes shape every step and would "
+                                 "recompile); drop --cache dynamic.")
+        if self.cache_kind == "static" and (self.max_batch or self.synthetic_context or self.prefill_batch):
+            raise AttnshareError("A static cache is filled by a real prefill of the whole batch; drop --max-batch, "
+                                 "--synthetic-context and --prefill-batch, or use --cache dynamic without --compile.")
 
 
 @dataclass
@@ -177,6 +204,8 @@ class VariantResult:
     ideal_decode_ratio: float
     costs: ModelCosts
     samples: list[Sample] = field(default_factory=list)
+    compile_s: float | None = None  # first full-shape prefill + decode step of the warm-up, beyond a measured one
+    path: str = "eager, dynamic cache"
 
     @property
     def prefill_of_ideal(self) -> float:
@@ -204,6 +233,8 @@ class BenchResult:
         for v in self.variants:
             rows.append({
                 "variant": v.name,
+                **({"path": v.path, "compile s": "-" if v.compile_s is None else f"{v.compile_s:.1f}"}
+                   if self.config.compile or self.config.cache_kind == "static" else {}),
                 "batch": v.batch,
                 "params": f"{v.params:,}",
                 "param MB": _mb(v.param_bytes),
@@ -305,15 +336,20 @@ class Generation:
 
     Each call is timed on its own, so the harness can run variants in lockstep (one step of each in turn): load
     changes on a shared machine then hit every variant alike. ``peak_bytes`` is the most memory this generation
-    needed beyond the weights: its cache plus the temporaries of its heaviest call.
+    needed beyond the weights: its cache plus the temporaries of its heaviest call. ``forward`` replaces the
+    model's call (a compiled forward); ``cache`` is an empty cache to fill (a static one, reused across repeats so
+    a compiled graph sees the same buffers), else a fresh dynamic one.
     """
 
-    def __init__(self, model: nn.Module, ids: torch.Tensor, tile: int = 1, context: int = 0) -> None:
+    def __init__(self, model: nn.Module, ids: torch.Tensor, tile: int = 1, context: int = 0,
+                 forward: Callable | None = None, cache=None) -> None:
         self.model, self.ids, self.tile, self.context = model, ids, tile, context
-        self.cache = new_cache(model)
+        self.forward = forward or model
+        self.cache = new_cache(model) if cache is None else cache
         self.next: torch.Tensor | None = None
         self.prefill_s = 0.0
         self.decode_s = 0.0
+        self.first_step_s: float | None = None
         self.peak_bytes: int | None = 0
 
     def _timed(self, ids: torch.Tensor) -> float:
@@ -322,7 +358,7 @@ class Generation:
         with torch.inference_mode(), PeakMemory(device) as peak:
             _sync(device)
             start = time.perf_counter()
-            out = self.model(ids, **with_cache(self.model, self.cache), use_cache=True, logits_to_keep=1)
+            out = self.forward(input_ids=ids, **with_cache(self.model, self.cache), use_cache=True, logits_to_keep=1)
             self.next = out.logits[:, -1:].argmax(-1)  # (B,1) greedy
             _sync(device)
             elapsed = time.perf_counter() - start
@@ -341,7 +377,9 @@ class Generation:
             self.next = self.next.repeat_interleave(self.tile, dim=0)  # (B*tile,1)
 
     def step(self) -> None:
-        self.decode_s += self._timed(self.next)
+        elapsed = self._timed(self.next)
+        self.first_step_s = elapsed if self.first_step_s is None else self.first_step_s
+        self.decode_s += elapsed
 
     def sample(self) -> Sample:
         return Sample(self.prefill_s, self.decode_s, self.peak_bytes)
@@ -402,6 +440,8 @@ def run_bench(variants: list[Variant], scenario: Scenario, config: BenchConfig |
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
+    if config.compile:  # the eager base on a dynamic cache: the path the compiled variants replace
+        variants = [*variants, Variant(f"{variants[0].name} (eager)", variants[0].build, eager=True)]
     models = []
     for v in tqdm(variants, desc="build variants", disable=not config.progress):
         models.append(v.build().to(device).eval())
@@ -420,19 +460,22 @@ def run_bench(variants: list[Variant], scenario: Scenario, config: BenchConfig |
     vocab = models[0].get_input_embeddings().weight.shape[0]
     synthetic = scenario.context if 0 < config.synthetic_context < scenario.context else 0
     ids = _prompt(prefill_batch, config.synthetic_context if synthetic else scenario.context, vocab, config.seed, device)
-    warm_ids = ids if device.type == "cuda" else ids[:, : min(scenario.context, 64)]
+    full_warmup = device.type == "cuda" or config.compile  # a compiled graph is built for the measured shapes
+    warm_ids = ids if full_warmup else ids[:, : min(scenario.context, 64)]
     warm_new = scenario.new_tokens if device.type == "cuda" else min(scenario.new_tokens, 4)
+    paths = [_Path.of(m, v, config, scenario) for v, m in zip(variants, models)]
 
     n = len(models)
     samples: list[list[Sample]] = [[] for _ in models]
     kv = [0] * n
+    firsts: list[Sample | None] = [None] * n  # each variant's first run (where a compiled one compiles)
     bar = tqdm(total=config.warmup * n * (1 + warm_new) + config.repeats * n * (1 + scenario.new_tokens),
                desc=f"bench {scenario.name}", unit="call", disable=not config.progress)
     for rep in range(config.warmup + config.repeats):
         warm = rep < config.warmup
         order = [(j + rep) % n for j in range(n)]  # rotate the order every repeat
-        runs = [Generation(models[i], warm_ids if warm else ids, batches[i] // prefill_batch, synthetic)
-                for i in range(n)]
+        runs = [Generation(models[i], warm_ids if warm else ids, batches[i] // prefill_batch, synthetic,
+                           paths[i].forward, paths[i].empty_cache(ids)) for i in range(n)]
         for i in order:
             runs[i].prefill()
             bar.update()
@@ -440,8 +483,10 @@ def run_bench(variants: list[Variant], scenario: Scenario, config: BenchConfig |
             for i in order:
                 runs[i].step()
                 bar.update()
-        if not warm:
-            for i in order:
+        for i in order:
+            if firsts[i] is None:
+                firsts[i] = Sample(runs[i].prefill_s, runs[i].first_step_s or 0.0, None)
+            if not warm:
                 samples[i].append(runs[i].sample())
                 kv[i] = cache_bytes(runs[i].cache)
         del runs
@@ -454,10 +499,54 @@ def run_bench(variants: list[Variant], scenario: Scenario, config: BenchConfig |
 
     results = []
     for i, (v, m) in enumerate(zip(variants, models)):
-        results.append(_summarise(v.name, m, samples, i, kv[i], costs, params, batches, prefill_batch, scenario,
-                                  ids.shape[1]))
+        result = _summarise(v.name, m, samples, i, kv[i], costs, params, batches, prefill_batch, scenario,
+                            ids.shape[1])
+        result.path = paths[i].label
+        if paths[i].compiled and full_warmup and config.warmup:
+            steady = result.prefill_s + result.decode_s / scenario.new_tokens
+            result.compile_s = max(firsts[i].prefill_s + firsts[i].decode_s - steady, 0.0)
+        results.append(result)
     machine = machine_info(device, next(models[0].parameters()).dtype)
     return BenchResult(scenario, config, machine, results, command, profiles=profiles)
+
+
+@dataclass
+class _Path:
+    """How one variant runs: its forward (compiled or the model itself) and the kind of cache it fills."""
+
+    forward: Callable
+    cache_kind: str
+    max_len: int
+    model: nn.Module
+    compiled: bool
+    static: object = None  # the variant's one static cache, made on first use
+
+    @classmethod
+    def of(cls, model: nn.Module, variant: Variant, config: BenchConfig, scenario: Scenario) -> _Path:
+        compiled = config.compile and not variant.eager
+        forward = torch.compile(model.forward, fullgraph=True, dynamic=False) if compiled else model
+        kind = "dynamic" if variant.eager else config.cache_kind
+        return cls(forward, kind, scenario.context + scenario.new_tokens, model, compiled)
+
+    @property
+    def label(self) -> str:
+        return f"{'compiled' if self.compiled else 'eager'}, {self.cache_kind} cache"
+
+    def empty_cache(self, ids: torch.Tensor):
+        """A fresh dynamic cache (None: Generation makes it), or this variant's one static cache, emptied.
+
+        The static cache is laid out once by an eager one-token forward of ``ids``' batch: its slots take their
+        shapes from that first write, so no compiled graph sees an unallocated cache (that graph would be
+        replaced by another once the slots exist)."""
+        if self.cache_kind == "dynamic":
+            return None
+        if self.static is None:
+            self.static = new_static_cache(self.model, self.max_len)
+            with torch.inference_mode():
+                self.model(input_ids=ids[:, :1], **with_cache(self.model, self.static), use_cache=True,
+                           logits_to_keep=1)
+        reset_cache(self.static)
+        return self.static
 
 
 def _batches(scenario: Scenario, config: BenchConfig, costs: list[ModelCosts], params: list[int]) -> list[int]:

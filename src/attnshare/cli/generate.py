@@ -13,6 +13,8 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     p.add_argument("--sample", action="store_true", help="sample (temperature 0.8, top-p 0.95) instead of greedy")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--compile", action="store_true",
+                   help="static cache and a torch.compile'd decode step (one graph; the first step compiles)")
     p.set_defaults(run=run)
 
 
@@ -21,6 +23,7 @@ def run(args) -> int:
     from transformers import TextStreamer
 
     from ..errors import AttnshareError
+    from ..hf_compat import compiled_generation
     from .common import load_from_args
 
     if args.max_new_tokens < 1:
@@ -40,7 +43,9 @@ def run(args) -> int:
     if not args.chat:
         print(args.prompt, end="", flush=True)
     sampling = {"do_sample": True, "temperature": 0.8, "top_p": 0.95} if args.sample else {"do_sample": False}
+    fast = compiled_generation() if args.compile else {}
     with torch.no_grad():
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                       streamer=streamer, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+                       streamer=streamer, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling,
+                       **fast)
     return 0

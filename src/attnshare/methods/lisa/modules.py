@@ -30,9 +30,10 @@ from ...attention.functional import (
     apply_probs,
     causal_bool_mask,
     raw_scores,
+    reachable_keys,
     softmax_probs,
 )
-from ...hf_compat import module_cache, update_kv
+from ...hf_compat import module_cache, slot_start, update_kv
 
 PROB_FLOOR = 1e-30  # probabilities are combined in log space; this floors log(0) of masked entries
 BLOCK_ROWS = 128  # query rows per block of a gradient-free prefill (chosen by measurement, see docs/RESULTS.md)
@@ -94,14 +95,17 @@ def mask_causal_tail_(scores: torch.Tensor) -> torch.Tensor:
     return scores
 
 
-def align_keys(z: torch.Tensor, keys: int) -> torch.Tensor:
-    """End-align the key axis of (B,H,T,S') to S = ``keys`` (a sliding-window layer caches fewer keys)."""
+def align_keys(z: torch.Tensor, keys: int, shift: int) -> torch.Tensor:
+    """The donor's (B,H,T,S') map on this layer's S = ``keys`` keys, whose first key is the donor's key ``shift``
+    (sliding and full layers cache different spans of tokens): zeros where the donor holds no such key."""
     have = z.shape[-1]
-    if have == keys:
+    if shift == 0 and have == keys:
         return z
-    if have > keys:
-        return z[..., have - keys:]  # (B,H,T,S)
-    return F.pad(z, (keys - have, 0))  # (B,H,T,S), zeros before the donor's first cached key
+    lo, hi = max(shift, 0), min(shift + keys, have)  # donor keys that this layer also holds
+    before = max(-shift, 0)
+    if hi <= lo:
+        return z.new_zeros(*z.shape[:-1], keys)
+    return F.pad(z[..., lo:hi], (before, keys - before - (hi - lo)))  # (B,H,T,S)
 
 
 def mix_heads(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -233,11 +237,13 @@ class LiSAAttention(nn.Module):
         cache = module_cache(kwargs)
         if cache is not None:  # the cache stores k_lr (B,Hkv,S,r) and V, no full K
             k, v = update_kv(cache, self.layer_idx, k, v)
+            k, v = reachable_keys(k, v, attention_mask, t)  # a static cache's first prefill: its real keys only
         donor = self.context.consume(self.donor, self.layer_idx)
-        if self.blockwise(donor, t, k.shape[-2]):
+        shift = 0 if cache is None else self.key_shift(cache, donor_keys(donor), k.shape[-2])
+        if self.blockwise(donor, t, k.shape[-2]) and shift == 0:
             out = self.blocked_attention(donor, q, k, v, attention_mask)  # (B,T,H,d)
             return getattr(self, self.o_name)(out.reshape(b, t, -1)), None
-        scores = self.scores(donor, q, k, attention_mask)  # (B,H,T,S)
+        scores = self.scores(donor, q, k, attention_mask, shift)  # (B,H,T,S)
         probs = softmax_probs(scores, v.dtype)  # (B,H,T,S)
         if self.context.publishes(self.layer_idx):
             self.context.publish(self.layer_idx, DonorState(probs=probs, scores=scores, mask=attention_mask))
@@ -288,10 +294,15 @@ class LiSAAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k
 
-    def scores(self, donor: DonorState, q: torch.Tensor, k: torch.Tensor, mask) -> torch.Tensor:
-        """Masked combined scores S_l (B,H,T,S) float32, the whole map at once."""
+    def key_shift(self, cache, donor_keys: int, keys: int) -> int:
+        """Tokens from the donor's first returned key to this layer's (a sliding and a full layer cache different
+        spans: in a dynamic cache both end at the newest token, in a static one a full slot starts at token 0)."""
+        return slot_start(cache, self.layer_idx, keys) - slot_start(cache, self.donor, donor_keys)
+
+    def scores(self, donor: DonorState, q: torch.Tensor, k: torch.Tensor, mask, shift: int = 0) -> torch.Tensor:
+        """Masked combined scores S_l (B,H,T,S) float32, the whole map at once; ``shift`` as in :meth:`key_shift`."""
         z, finite = donor_block(donor, self.source, slice(None), donor_keys(donor))  # (B,H,T,S')
-        return apply_mask(self.aligned_sum(align_keys(z, k.shape[-2]), finite, q, k), mask)
+        return apply_mask(self.aligned_sum(align_keys(z, k.shape[-2], shift), finite, q, k), mask)
 
     def aligned_sum(self, z: torch.Tensor, finite: bool, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Unmasked g_l(Z) + q_lr k_lr^T / sqrt(r): z (B,H,T,S), q (B,H,T,r), k (B,Hkv,S,r) -> (B,H,T,S) float32."""

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ...attention.context import DonorState, ShareContext
-from ...attention.functional import apply_probs, fused_attention, repeat_kv
+from ...attention.functional import apply_probs, fused_attention, reachable_keys, repeat_kv
 from ...hf_compat import module_cache, update_value_only
 
 
@@ -54,6 +54,7 @@ class SharedAttentionReceiver(nn.Module):
         cache = module_cache(kwargs)
         if cache is not None:  # zero-width K: the cache really stores no K for this layer
             v = update_value_only(cache, self.layer_idx, v)  # (B,Hkv,S,d)
+            _, v = reachable_keys(v, v, attention_mask, t)  # a static cache's first prefill: its real keys only
         state = self.context.consume(self.donor, self.layer_idx)
         out = reuse_attention(state, v, self.head_map)  # (B,T,H,d)
         return getattr(self, self.o_name)(out.reshape(b, t, -1)), None
