@@ -214,6 +214,10 @@ def test_bench_cli_compiled_runs_every_variant_compiled_beside_the_eager_base(ti
     assert all(v["compile_s"] > 0 for v in variants[:2]) and variants[2]["compile_s"] is None
     assert variants[1]["kv_bytes"] < variants[0]["kv_bytes"] == variants[2]["kv_bytes"]
     assert "| sa | compiled, static cache |" in capsys.readouterr().out
+    argv[argv.index("--json") + 1] = str(tmp_path / "d.json")
+    assert main([*argv, "--no-compile-prefill"]) == 0  # decode compiled, prefill eager (as HF's generate)
+    assert [v["path"] for v in json.loads((tmp_path / "d.json").read_text())["variants"]] == [
+        "compiled decode, static cache", "compiled decode, static cache", "eager, dynamic cache"]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -591,7 +591,7 @@ COMPILE_ARCH = "gemma3_text"  # the hardest tiny layout: sliding and full layers
 
 
 @pytest.mark.parametrize("entry", METHODS, ids=str)
-def test_compiled_forward_has_no_graph_break_and_equals_eager(entry, bases):
+def test_compiled_forward_has_no_graph_break_and_equals_eager(entry, bases, monkeypatch):
     """``fullgraph=True`` fails on any graph break. Dynamo's own ``eager`` backend runs the traced graph as is, so
     this checks what the compiler sees (the donor hand-off, the cache slots, LiSA's query blocks) at test speed;
     inductor's code generation is exercised on the real model by ``attnshare bench --compile``."""
@@ -601,6 +601,7 @@ def test_compiled_forward_has_no_graph_break_and_equals_eager(entry, bases):
     for module in model.modules():
         if hasattr(module, "block_rows") and module.block_rows:
             module.block_rows = 8  # LiSA's blockwise prefill: 3 query blocks of a 20-token prompt
+    monkeypatch.setattr("attnshare.methods.lisa.modules.COMPILED_BLOCK_ROWS", 8)  # compiled too
     torch._dynamo.reset()
     compiled = torch.compile(model.forward, fullgraph=True, backend="eager")
     ids = random_ids(2, 20, seed=5)

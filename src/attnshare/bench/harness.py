@@ -150,6 +150,9 @@ class BenchConfig:
     compile: bool = field(default=False, metadata={
         "help": "run every variant through torch.compile(fullgraph=True) on a static cache (compile time reported "
                 "apart), beside the eager base on a dynamic cache"})
+    compile_prefill: bool = field(default=True, metadata={
+        "help": "with --compile, compile the prefill too (one more graph per variant; --no-compile-prefill keeps it "
+                "eager, as HF's generate does)"})
 
     @property
     def cache_kind(self) -> str:
@@ -337,14 +340,15 @@ class Generation:
     Each call is timed on its own, so the harness can run variants in lockstep (one step of each in turn): load
     changes on a shared machine then hit every variant alike. ``peak_bytes`` is the most memory this generation
     needed beyond the weights: its cache plus the temporaries of its heaviest call. ``forward`` replaces the
-    model's call (a compiled forward); ``cache`` is an empty cache to fill (a static one, reused across repeats so
+    model's call in decode steps (a compiled forward), ``prefill`` in the prefill (default: ``forward``); ``cache`` is an empty cache to fill (a static one, reused across repeats so
     a compiled graph sees the same buffers), else a fresh dynamic one.
     """
 
     def __init__(self, model: nn.Module, ids: torch.Tensor, tile: int = 1, context: int = 0,
-                 forward: Callable | None = None, cache=None) -> None:
+                 forward: Callable | None = None, cache=None, prefill: Callable | None = None) -> None:
         self.model, self.ids, self.tile, self.context = model, ids, tile, context
-        self.forward = forward or model
+        self.forward = forward or model  # decode steps
+        self.prefill_forward = prefill or self.forward
         self.cache = new_cache(model) if cache is None else cache
         self.next: torch.Tensor | None = None
         self.prefill_s = 0.0
@@ -352,13 +356,13 @@ class Generation:
         self.first_step_s: float | None = None
         self.peak_bytes: int | None = 0
 
-    def _timed(self, ids: torch.Tensor) -> float:
+    def _timed(self, ids: torch.Tensor, forward: Callable) -> float:
         device = ids.device
         held = cache_bytes(self.cache)
         with torch.inference_mode(), PeakMemory(device) as peak:
             _sync(device)
             start = time.perf_counter()
-            out = self.forward(input_ids=ids, **with_cache(self.model, self.cache), use_cache=True, logits_to_keep=1)
+            out = forward(input_ids=ids, **with_cache(self.model, self.cache), use_cache=True, logits_to_keep=1)
             self.next = out.logits[:, -1:].argmax(-1)  # (B,1) greedy
             _sync(device)
             elapsed = time.perf_counter() - start
@@ -369,7 +373,7 @@ class Generation:
         return elapsed
 
     def prefill(self) -> None:
-        self.prefill_s = self._timed(self.ids)
+        self.prefill_s = self._timed(self.ids, self.prefill_forward)
         if self.context > self.ids.shape[1]:
             extend_cache(self.cache, self.context)
         if self.tile > 1:
@@ -377,7 +381,7 @@ class Generation:
             self.next = self.next.repeat_interleave(self.tile, dim=0)  # (B*tile,1)
 
     def step(self) -> None:
-        elapsed = self._timed(self.next)
+        elapsed = self._timed(self.next, self.forward)
         self.first_step_s = elapsed if self.first_step_s is None else self.first_step_s
         self.decode_s += elapsed
 
@@ -475,7 +479,7 @@ def run_bench(variants: list[Variant], scenario: Scenario, config: BenchConfig |
         warm = rep < config.warmup
         order = [(j + rep) % n for j in range(n)]  # rotate the order every repeat
         runs = [Generation(models[i], warm_ids if warm else ids, batches[i] // prefill_batch, synthetic,
-                           paths[i].forward, paths[i].empty_cache(ids)) for i in range(n)]
+                           paths[i].forward, paths[i].empty_cache(ids), paths[i].prefill) for i in range(n)]
         for i in order:
             runs[i].prefill()
             bar.update()
@@ -514,7 +518,8 @@ def run_bench(variants: list[Variant], scenario: Scenario, config: BenchConfig |
 class _Path:
     """How one variant runs: its forward (compiled or the model itself) and the kind of cache it fills."""
 
-    forward: Callable
+    forward: Callable  # decode steps
+    prefill: Callable
     cache_kind: str
     max_len: int
     model: nn.Module
@@ -525,12 +530,15 @@ class _Path:
     def of(cls, model: nn.Module, variant: Variant, config: BenchConfig, scenario: Scenario) -> _Path:
         compiled = config.compile and not variant.eager
         forward = torch.compile(model.forward, fullgraph=True, dynamic=False) if compiled else model
+        prefill = forward if config.compile_prefill else model
         kind = "dynamic" if variant.eager else config.cache_kind
-        return cls(forward, kind, scenario.context + scenario.new_tokens, model, compiled)
+        return cls(forward, prefill, kind, scenario.context + scenario.new_tokens, model, compiled)
 
     @property
     def label(self) -> str:
-        return f"{'compiled' if self.compiled else 'eager'}, {self.cache_kind} cache"
+        if not self.compiled:
+            return f"eager, {self.cache_kind} cache"
+        return f"compiled{'' if self.prefill is self.forward else ' decode'}, {self.cache_kind} cache"
 
     def empty_cache(self, ids: torch.Tensor):
         """A fresh dynamic cache (None: Generation makes it), or this variant's one static cache, emptied.
