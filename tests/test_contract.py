@@ -620,6 +620,21 @@ def test_compiled_forward_has_no_graph_break_and_equals_eager(entry, bases, monk
             torch.testing.assert_close(got, want, msg=lambda m, step=step: f"decode step {step}: {m}")
 
 
+@pytest.mark.parametrize("entry", METHODS, ids=str)
+def test_gqa_sdpa_fast_path_equals_hf_sdpa(entry, bases):
+    """The compiled fast path's attention (SDPA with the query heads mapped onto KV heads, no K/V copy) gives the
+    logits HF's SDPA gives, shared layers' hooks included, on a dynamic and a static cache."""
+    from attnshare.attention.dispatch import use_gqa_sdpa
+
+    model, _ = shared(entry, bases("gemma3_text"))  # GQA, sliding and full layers
+    ids = random_ids(2, 10, seed=1)
+    want = [logits(model, IDS), greedy_generate(model, ids, 12), greedy_generate(model, ids, 12, **CACHES["static"])]
+    assert use_gqa_sdpa(model)
+    torch.testing.assert_close(logits(model, IDS), want[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(greedy_generate(model, ids, 12), want[1])
+    assert torch.equal(greedy_generate(model, ids, 12, **CACHES["static"]), want[2])
+
+
 def test_inductor_compiled_decode_equals_eager(bases):
     """The CPU inductor backend generates code for a shared decode step (SA receivers reading a donor's
     probabilities, LiSA layers reading low-rank k from the same static cache) that matches eager."""

@@ -14,15 +14,17 @@ import torch
 from ..errors import AttnshareError
 from ..hf_compat import attention_function, attn_implementation, register_attention
 from .context import DonorState, ShareContext
-from .functional import attention_scores, eager_attention, reachable_keys, softmax_probs
+from .functional import attention_scores, eager_attention, gqa_sdpa_attention, reachable_keys, softmax_probs
 
 PREFIX = "attnshare_"
-BASES = ("sdpa", "eager")
+OWN = {"eager": eager_attention, "gqa_sdpa": gqa_sdpa_attention}  # base implementations of our own
+BASES = ("sdpa", *OWN)
+MASKS = {"gqa_sdpa": "sdpa"}  # whose mask function an implementation of our own takes (default: its own name)
 HOOK = "attnshare_hook"
 
 
 def base_function(base: str) -> Callable:
-    return eager_attention if base == "eager" else attention_function(base)
+    return OWN[base] if base in OWN else attention_function(base)
 
 
 def _dispatcher(base: str) -> Callable:
@@ -40,7 +42,7 @@ def _dispatcher(base: str) -> Callable:
 def register(base: str) -> str:
     """Register ``attnshare_<base>`` (attention and mask functions); idempotent. Returns the name."""
     name = PREFIX + base
-    register_attention(name, _dispatcher(base), mask_like=base)
+    register_attention(name, _dispatcher(base), mask_like=MASKS.get(base, base))
     return name
 
 
@@ -60,7 +62,18 @@ def install(model) -> None:
 
 
 def uninstall(model) -> None:
-    model.set_attn_implementation(base_implementation(model))
+    base = base_implementation(model)
+    model.set_attn_implementation(PREFIX + base if base in MASKS else base)  # ours stay registered under our prefix
+
+
+def use_gqa_sdpa(model) -> bool:
+    """Run an SDPA model's attention (shared or not) through :func:`gqa_sdpa_attention`, SDPA that never copies K/V
+    per query head; whether it did (eager models keep theirs). The compiled fast path uses it for base and variants
+    alike (HF's SDPA repeats a static cache's K/V at every compiled decode step); shared layers' hooks keep working."""
+    if base_implementation(model) not in ("sdpa", "gqa_sdpa"):
+        return False
+    model.set_attn_implementation(register("gqa_sdpa"))
+    return True
 
 
 class Publisher:

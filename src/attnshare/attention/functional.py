@@ -129,3 +129,19 @@ def eager_attention(
     if dropout and getattr(module, "training", False):
         probs = F.dropout(probs, p=dropout, training=True)
     return apply_probs(probs, v), probs
+
+
+def gqa_sdpa_attention(module, q, k, v, mask, scaling: float | None = None, dropout: float = 0.0,
+                       softcap: float | None = None, **_):
+    """HF-compatible SDPA attention that maps each query head onto its KV head inside SDPA (``enable_gqa``), with a
+    mask too: (out (B,Tq,H,d), None).
+
+    HF's SDPA function (5.17-5.24) copies K and V G times over (``repeat_kv``) whenever it gets a mask under
+    ``torch.compile``, i.e. at every step of a compiled static-cache decode: G x the cache written per step. Soft-capped
+    logits (Gemma-2) and training dropout go through the eager function."""
+    scaling = module.scaling if scaling is None else scaling
+    if softcap is not None or (dropout and getattr(module, "training", False)):
+        return eager_attention(module, q, k, v, mask, scaling, dropout, softcap)
+    k, v = reachable_keys(k, v, mask, q.shape[-2])
+    return fused_attention(q, k, v, mask, scaling), None
+

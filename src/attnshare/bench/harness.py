@@ -7,7 +7,8 @@ repeat), so load changes on a shared machine hit every variant alike. Ratios are
 and each sits next to the byte model's ideal ratio (:mod:`.bytemodel`).
 
 ``--compile`` runs every variant through ``torch.compile(fullgraph=True)`` with a static cache (one graph for the
-prefill shape, one for the decode step; a graph break is an error), after a full-shape warm-up that compiles; the
+prefill shape, one for the decode step; a graph break is an error) and GQA-native SDPA (HF's SDPA would copy the
+cache's K/V per query head at every compiled step), after a full-shape warm-up that compiles; the
 compile time is reported apart, and the eager base with a dynamic cache is benchmarked beside them as the path the
 compiled ones replace.
 
@@ -34,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..api import apply, load, read_artifact
+from ..attention.dispatch import use_gqa_sdpa
 from ..errors import AttnshareError
 from ..hf_compat import extend_cache, new_cache, new_static_cache, reset_cache, tile_cache, with_cache
 from ..memory import cache_bytes, parameter_bytes
@@ -444,8 +446,9 @@ def run_bench(variants: list[Variant], scenario: Scenario, config: BenchConfig |
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
-    if config.compile:  # the eager base on a dynamic cache: the path the compiled variants replace
-        variants = [*variants, Variant(f"{variants[0].name} (eager)", variants[0].build, eager=True)]
+    if config.compile:  # the eager base on a dynamic cache (its own copy): the path the compiled variants replace
+        reference = variants[0].build
+        variants = [*variants, Variant(f"{variants[0].name} (eager)", lambda: copy.deepcopy(reference()), eager=True)]
     models = []
     for v in tqdm(variants, desc="build variants", disable=not config.progress):
         models.append(v.build().to(device).eval())
@@ -529,6 +532,8 @@ class _Path:
     @classmethod
     def of(cls, model: nn.Module, variant: Variant, config: BenchConfig, scenario: Scenario) -> _Path:
         compiled = config.compile and not variant.eager
+        if compiled:
+            use_gqa_sdpa(model)  # every compiled variant, the base included: no K/V copy per query head
         forward = torch.compile(model.forward, fullgraph=True, dynamic=False) if compiled else model
         prefill = forward if config.compile_prefill else model
         kind = "dynamic" if variant.eager else config.cache_kind

@@ -22,6 +22,7 @@ def run(args) -> int:
     import torch
     from transformers import TextStreamer
 
+    from ..attention.dispatch import use_gqa_sdpa
     from ..errors import AttnshareError
     from ..hf_compat import compiled_generation
     from .common import load_from_args
@@ -44,6 +45,8 @@ def run(args) -> int:
         print(args.prompt, end="", flush=True)
     sampling = {"do_sample": True, "temperature": 0.8, "top_p": 0.95} if args.sample else {"do_sample": False}
     fast = compiled_generation() if args.compile else {}
+    if args.compile:
+        use_gqa_sdpa(model)  # HF's SDPA would copy the static cache's K/V per query head at every compiled step
     with torch.no_grad():
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
                        streamer=streamer, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling,
