@@ -226,6 +226,7 @@ def test_bench_cli_compiled_runs_every_variant_compiled_beside_the_eager_base(ti
     (["--compile", "--cache", "dynamic", "--method", "sa", "--receivers", "2"], "--compile needs a static cache"),
     (["--cache", "static", "--prefill-batch", "1", "--method", "sa", "--receivers", "2"], "real prefill"),
     (["--cache", "paged", "--method", "sa", "--receivers", "2"], "--cache must be"),
+    (["--compile", "--warmup", "0", "--method", "sa", "--receivers", "2"], "--warmup of at least 1"),
     ([], "Give a variant"),
     (["--artifact", "/nonexistent"], "not an attnshare artifact"),
 ])

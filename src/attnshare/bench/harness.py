@@ -173,6 +173,9 @@ class BenchConfig:
             raise AttnshareError("--max-batch needs --memory-budget-gb with a positive budget in GB.")
         if self.cache not in ("auto", "dynamic", "static"):
             raise AttnshareError(f"--cache must be auto, dynamic or static, not '{self.cache}'.")
+        if self.compile and self.warmup < 1:
+            raise AttnshareError("--compile needs --warmup of at least 1: the warm-up is where each variant compiles "
+                                 "(a measured repeat would time the compiler).")
         if self.compile and self.cache == "dynamic":
             raise AttnshareError("--compile needs a static cache (a dynamic one changes shape every step and would "
                                  "recompile); drop --cache dynamic.")
