@@ -106,6 +106,12 @@ class Dims:
             return min(tokens, self.window - 1)
         return tokens
 
+    def static_kept(self, layer: int, max_len: int) -> int:
+        """Tokens an HF static cache slot of ``max_len`` preallocates: a sliding slot its window."""
+        if self.layer_types[layer] == "sliding_attention" and self.window:
+            return min(max_len, self.window)
+        return max_len
+
     def qk_params(self) -> int:
         """One layer's q_proj + k_proj (+ biases) + q/k norms."""
         return (self.H + self.Hkv) * self.d * (self.D + self.qkv_bias) + self.qk_norm_params
@@ -448,12 +454,13 @@ def test_left_padded_batch_equals_each_prompt_alone(entry, arch, cache, bases):
 
 
 def expected_slots(dims: Dims, widths: dict[int, int], batch: int, tokens: int,
-                   value_widths: dict[int, int] | None = None) -> list[tuple[tuple, tuple]]:
-    """(K shape, V shape) of every cache slot: K is (B, Hkv, kept, width), V is (B, Hkv, kept, d or its width)."""
+                   value_widths: dict[int, int] | None = None, static: bool = False) -> list[tuple[tuple, tuple]]:
+    """(K shape, V shape) of every cache slot: K is (B, Hkv, kept, width), V is (B, Hkv, kept, d or its width);
+    ``static``: the slots of a static cache of ``tokens`` slots."""
     value_widths = value_widths or {}
     slots = []
     for layer in range(dims.L):
-        kept = dims.kept(layer, tokens)
+        kept = dims.static_kept(layer, tokens) if static else dims.kept(layer, tokens)
         slots.append(((batch, dims.Hkv, kept, widths.get(layer, dims.d)),
                       (batch, dims.Hkv, kept, value_widths.get(layer, dims.d))))
     return slots
@@ -488,17 +495,6 @@ def test_kv_cache_bytes_exact(entry, arch, bases):
             _, cache = cached_forward(model, ids[:, tokens:], cache=cache)
 
 
-def expected_static_slots(dims: Dims, widths: dict[int, int], batch: int, max_len: int,
-                          value_widths: dict[int, int]) -> list[tuple[tuple, tuple]]:
-    """(K shape, V shape) of every static slot: max_len tokens, a sliding slot its window (HF's static layout)."""
-    slots = []
-    for layer in range(dims.L):
-        kept = min(max_len, dims.window) if dims.layer_types[layer] == "sliding_attention" and dims.window else max_len
-        slots.append(((batch, dims.Hkv, kept, widths.get(layer, dims.d)),
-                      (batch, dims.Hkv, kept, value_widths.get(layer, dims.d))))
-    return slots
-
-
 @contract
 def test_static_cache_bytes_exact(entry, arch, bases):
     """A static cache preallocates every slot, and each holds exactly the widths the plan says (an SA receiver no
@@ -510,8 +506,8 @@ def test_static_cache_bytes_exact(entry, arch, bases):
     batch, tokens, max_len = 2, 12, 24
     ids = random_ids(batch, tokens + 1, seed=4)
     model, plans = shared(entry, base)
-    want = expected_static_slots(dims, entry.key_widths(dims, plans), batch, max_len,
-                                 entry.value_widths(dims, plans))
+    want = expected_slots(dims, entry.key_widths(dims, plans), batch, max_len, entry.value_widths(dims, plans),
+                          static=True)
     cache = StaticCache(config=model.config, max_cache_len=max_len)
     _, cache = cached_forward(model, ids[:, :tokens], cache=cache)
     assert slot_shapes(cache) == want

@@ -44,8 +44,9 @@ def run(args) -> int:
     if not args.chat:
         print(args.prompt, end="", flush=True)
     sampling = {"do_sample": True, "temperature": 0.8, "top_p": 0.95} if args.sample else {"do_sample": False}
-    fast = compiled_generation() if args.compile else {}
+    fast = {}
     if args.compile:
+        fast = compiled_generation()
         use_gqa_sdpa(model)  # HF's SDPA would copy the static cache's K/V per query head at every compiled step
     with torch.no_grad():
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,

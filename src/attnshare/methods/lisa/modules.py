@@ -243,7 +243,7 @@ class LiSAAttention(nn.Module):
             k, v = reachable_keys(k, v, attention_mask, t)  # a static cache's first prefill: its real keys only
         donor = self.context.consume(self.donor, self.layer_idx)
         shift = 0 if cache is None else self.key_shift(cache, donor_keys(donor), k.shape[-2])
-        if self.blockwise(donor, t, k.shape[-2]) and shift == 0:
+        if self.blockwise(donor, t, k.shape[-2], shift):
             out = self.blocked_attention(donor, q, k, v, attention_mask)  # (B,T,H,d)
             return getattr(self, self.o_name)(out.reshape(b, t, -1)), None
         scores = self.scores(donor, q, k, attention_mask, shift)  # (B,H,T,S)
@@ -253,11 +253,11 @@ class LiSAAttention(nn.Module):
         out = apply_probs(probs, v)  # (B,T,H,d)
         return getattr(self, self.o_name)(out.reshape(b, t, -1)), probs
 
-    def blockwise(self, donor: DonorState, rows: int, keys: int) -> bool:
+    def blockwise(self, donor: DonorState, rows: int, keys: int, shift: int = 0) -> bool:
         """Run in query blocks: no gradients (autograd and attention-map capture need the whole map), a prefill
-        longer than one block, and a donor covering exactly this layer's keys."""
+        longer than one block, and a donor covering exactly this layer's keys (same count, ``shift`` 0)."""
         return (not torch.is_grad_enabled() and 0 < self.rows_per_block() < rows
-                and donor_keys(donor) == keys)
+                and donor_keys(donor) == keys and shift == 0)
 
     def rows_per_block(self) -> int:
         """Query rows per block: ``block_rows`` (0: whole maps), at least COMPILED_BLOCK_ROWS while compiling."""
