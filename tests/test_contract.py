@@ -181,13 +181,16 @@ def stored_weights_delta(dims: Dims, plans: list[Plan]) -> int:
     share_o, o) head slice is stored once, and a slice nothing reads any more is gone.
 
     A replaced head stores none of its shared slices (they are its root's); an SA receiver reads no q/k, so a q/k
-    slice survives only if a non-receiver layer uses it (its own, or as root); receivers also lose their q/k norms.
+    slice survives only if a non-receiver layer uses it (its own, or as root). Per-head q/k norms (d weights each)
+    likewise: with ``norms="donor"`` a layer all of whose query (KV) heads reuse heads of one layer runs that
+    layer's q_norm (k_norm), so a norm survives only if a non-receiver layer runs it; norms over the whole
+    projection stay with their layer, and receivers lose theirs.
     """
-    q_root, kv_root, share_o = {}, {}, False
+    q_root, kv_root, share_o, travel = {}, {}, False, False
     for p in plans:
         if isinstance(p, DirectSharePlan):
             q_root, kv_root = head_roots(p, dims.G)
-            share_o = p.share_o
+            share_o, travel = p.share_o, p.norms == "donor"
     receivers = {r for p in plans if isinstance(p, SAPlan) for r in p.donors}
     row = dims.d * (dims.D + dims.qkv_bias)  # one head's rows (and biases) of q, k or v
     q_heads = [(l, h) for l in range(dims.L) for h in range(dims.H)]
@@ -199,7 +202,17 @@ def stored_weights_delta(dims: Dims, plans: list[Plan]) -> int:
     o_cols = dims.D * dims.d  # one head's o columns (o's bias belongs to the layer)
     before = (len(q_heads) + 2 * len(kv_heads)) * row + len(q_heads) * o_cols
     after = (len(read_q) + len(read_k) + len(stored_v)) * row + len(stored_o) * o_cols
-    return after - before - len(receivers) * dims.qk_norm_params
+    if dims.qk_norm_params != 2 * dims.d:  # no norms, or norms over the whole projection: they stay with the layer
+        return after - before - len(receivers) * dims.qk_norm_params
+    norms = 0
+    for root, heads in ((q_root, dims.H), (kv_root, dims.Hkv)):
+        lender = {}  # layer -> the one other layer all its heads read
+        for l in range(dims.L):
+            layers = {root.get((l, h), (l, h))[0] for h in range(heads)}
+            if len(layers) == 1 and l not in layers:
+                lender[l] = layers.pop()
+        norms += len({lender.get(l, l) if travel else l for l in range(dims.L) if l not in receivers}) - dims.L
+    return after - before + norms * dims.d
 
 
 def lisa_delta(dims: Dims, plans: list[Plan]) -> int:

@@ -115,12 +115,14 @@ def test_similarity_needs_the_projections():
 # ----------------------------------------------------------------------------------------- planning and chains
 
 
-def ds_plan(model, ratio=0.5, match="qk", share_o=False, select="cosine"):
+def ds_plan(model, ratio=0.5, match="qk", share_o=False, select="cosine", norms="own"):
+    """A planned DirectShare plan; the layers keep their own q/k norms unless asked (the slices are under test
+    here; travelling norms have tests of their own)."""
     from attnshare.methods import get_method
     from attnshare.methods.directshare import DirectShareConfig
 
     return get_method("directshare").make_plan(model, DirectShareConfig(ratio=ratio, match=match, share_o=share_o,
-                                                                        select=select))
+                                                                        select=select, norms=norms))
 
 
 def hand_matches(score, layer, unit) -> WeightMatches:
@@ -401,7 +403,7 @@ def test_split_units_are_stored_once_and_compute_the_copied_model(arch, tmp_path
     geo = geometry(model)
     d = geo.head_dim
     plan = get_method("directshare").make_plan(model, DirectShareConfig(ratio=0.3, granularity="split", share_o=True,
-                                                                        **SMALL_LOSS))
+                                                                        norms="own", **SMALL_LOSS))
     assert plan.q_pairs and plan.pairs
     ref = copy.deepcopy(model)
     with torch.no_grad():
@@ -604,3 +606,89 @@ def test_the_summary_says_what_the_plan_reached_next_to_what_was_asked():
     text = plan.summary()
     assert "2/8 units = 25.0% (asked 30.0%)" in text and "of attention" in text
     assert DirectSharePlan.from_dict(json.loads(json.dumps(plan.to_dict()))).summary() == text
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3_text"])
+def test_q_k_norms_travel_with_a_whole_layers_weights_stored_once(arch, tmp_path):
+    """A layer whose every unit reuses units of one layer runs that layer's q_norm/k_norm (``norms="donor"``, the
+    default): the same logits as writing the donor's slices and norms in place (what the planner measures), one
+    norm fewer in the parameters, the norm stored once in the bank for the lender and its borrower; a later SA plan
+    that removes the borrower keeps it for the lender, one that removes both frees it; save/load and unapply hold."""
+    from attnshare.arch import arch_of
+    from attnshare.methods.directshare.loss_planner import units_replaced
+    from attnshare.methods.directshare.method import BANK
+    from attnshare.methods.directshare.modules import SharedNorm
+    from attnshare.methods.sa import SAPlan
+
+    from conftest import tiny_checkpoint
+
+    folder = str(tiny_checkpoint(tmp_path / arch, arch, 6))
+    base, _ = attnshare.load_model(folder)
+    with torch.no_grad():  # random norms, so that whose norm a layer runs matters
+        gen = torch.Generator().manual_seed(0)
+        for layer in base.model.layers:
+            for name in ("q_norm", "k_norm"):
+                getattr(layer.self_attn, name).weight.copy_(torch.randn(16, generator=gen))
+    base.save_pretrained(folder)  # the checkpoint that unapply refills freed weights from
+    base, _ = attnshare.load_model(folder)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    assign = {(5, 0): (3, 1), (5, 1): (3, 0)}  # layers 3 and 5 attend alike (full layers on Gemma-3's pattern)
+    pairs = sorted((*unit, *root) for unit, root in assign.items())
+    outs, counts = {}, {}
+    for norms in ("own", "donor"):
+        with units_replaced(base, assign, ("q", "k", "v"), arch_of(base), norms=norms), torch.no_grad():
+            want = base(ids).logits
+        model = attnshare.apply(copy.deepcopy(base), DirectSharePlan(pairs=pairs, norms=norms))
+        with torch.no_grad():
+            outs[norms] = model(ids).logits
+        torch.testing.assert_close(outs[norms], want, rtol=1e-5, atol=1e-5)
+        counts[norms] = model.num_parameters()
+    assert not torch.allclose(outs["own"], outs["donor"])
+    assert counts["own"] - counts["donor"] == 2 * 16  # layer 5's own q_norm and k_norm are gone
+
+    plan = DirectSharePlan(pairs=pairs, norms="donor")
+    model = attnshare.apply(copy.deepcopy(base), plan)
+    bank = getattr(model, BANK)
+    assert sorted(bank.norms) == ["k_norm_3", "q_norm_3"]
+    for layer in (3, 5):
+        attn = model.model.layers[layer].self_attn
+        assert isinstance(attn.q_norm, SharedNorm) and attn.q_norm.key == "q_norm_3"
+    assert isinstance(model.model.layers[4].self_attn.q_norm, torch.nn.Module)
+    assert not isinstance(model.model.layers[4].self_attn.q_norm, SharedNorm)
+
+    out = attnshare.save(model, tmp_path / "art")
+    loaded, _ = attnshare.load(out, model=copy.deepcopy(base))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, outs["donor"])
+
+    before = model.num_parameters()
+    attnshare.apply(model, SAPlan(donors={5: 1}))  # the borrower no longer runs q/k: the lender still does
+    assert sorted(bank.norms) == ["k_norm_3", "q_norm_3"]
+    both = attnshare.apply(copy.deepcopy(base), plan)
+    attnshare.apply(both, SAPlan(donors={3: 1, 5: 1}))  # neither runs q/k any more: the norms are freed
+    assert len(getattr(both, BANK).norms) == 0
+    assert model.num_parameters() == before  # receiver 5 owned none of its q/k slices or norms: nothing to free
+    attnshare.unapply(model)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base(ids).logits)
+
+
+def test_norms_travel_only_where_a_layer_reads_one_lender():
+    """Lenders: a layer whose units all reuse one other layer; a partly replaced layer, or one reading two layers,
+    keeps its norms; ``norms="own"`` moves none; a plan saved before the field reads as "own"."""
+    from attnshare.methods.directshare.plan import lenders
+
+    assert lenders({(5, 0): (3, 1), (5, 1): (3, 0)}, 2) == {5: 3}
+    assert lenders({(5, 0): (3, 1)}, 2) == {}
+    assert lenders({(5, 0): (3, 1), (5, 1): (2, 0)}, 2) == {}
+    geo = geometry(tiny_model("qwen3"))
+    plan = DirectSharePlan(pairs=[(2, 0, 0, 0), (3, 0, 1, 1), (3, 1, 1, 0)], norms="donor")
+    assert plan.norm_lenders(geo) == {("q_norm", 3): 1, ("k_norm", 3): 1}
+    assert dataclasses.replace(plan, norms="own").norm_lenders(geo) == {}
+    split = DirectSharePlan(granularity="split", pairs=[(3, 0, 1, 0), (3, 1, 1, 1)],
+                            q_pairs=[(3, h, 1, h) for h in range(3)], norms="donor")  # 3 of 4 query heads
+    assert split.norm_lenders(geo) == {("k_norm", 3): 1}
+    assert DirectSharePlan.from_dict({"pairs": [[3, 0, 1, 1]]}).norms == "own"
+    assert DirectSharePlan.from_dict(plan.to_dict()) == plan
+    with pytest.raises(AttnshareError, match="--norms must be donor or own"):
+        DirectShareConfig(norms="mine")

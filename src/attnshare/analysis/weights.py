@@ -7,8 +7,9 @@ gets a flattened weight vector under a *match function*; units are compared by c
 Notation: L layers, U units per layer (= Hkv), G = H / Hkv query heads per unit, d head dim, D hidden size.
 
 Qwen3/Gemma3 ``q_norm``/``k_norm``: one RMSNorm weight (d,) per layer, applied to every head of that layer. It is
-not part of a unit: matching compares the raw W_q/W_k/W_v/W_o slices, and a shared unit keeps running under its own
-layer's norms (the norms act per layer, the shared thing is the projection slices).
+not part of a unit: matching compares the raw W_q/W_k/W_v/W_o slices. A norm follows shared weights only where a
+whole layer's q (k) units reuse units of one layer (DirectShare's ``norms="donor"``); otherwise a shared unit runs
+under its own layer's norms.
 """
 
 from __future__ import annotations

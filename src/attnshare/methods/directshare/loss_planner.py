@@ -34,7 +34,18 @@ from ...analysis.weights import projection_weight, same_kind_earlier, unit_cols,
 from ...arch import ArchSpec, arch_of, attention, geometry
 from ..sa.planner import PlanProbe
 from .config import DirectShareConfig
-from .plan import GRANULARITIES, GROUP, DirectSharePlan, Pair, Part, part_kinds, part_parameters, replaced_budget
+from .plan import (
+    GRANULARITIES,
+    GROUP,
+    NORM_OF,
+    DirectSharePlan,
+    Pair,
+    Part,
+    lenders,
+    part_kinds,
+    part_parameters,
+    replaced_budget,
+)
 from .planner import earlier_similarities
 
 log = logging.getLogger(__name__)
@@ -139,13 +150,30 @@ def unit_tensors(model: nn.Module, unit: Unit, kinds: tuple[str, ...], spec: Arc
     return out
 
 
+def lent_norms(model: nn.Module, assign: dict[Unit, Unit], kinds: tuple[str, ...], spec: ArchSpec,
+               num_units: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(borrower's, lender's) q/k norm weights that a plan with ``norms="donor"`` moves (what
+    :meth:`DirectSharePlan.norm_lenders` gives, for the norms of ``kinds``): per-head norms of layers whose every
+    unit in ``assign`` reuses units of one layer."""
+    if spec.qk_norm_scope != "head":
+        return []
+    names = [NORM_OF[k] for k in kinds if k in NORM_OF]
+    return [(getattr(attention(model, layer), name).weight, getattr(attention(model, lender), name).weight)
+            for layer, lender in lenders(assign, num_units).items() for name in names]
+
+
 @contextmanager
 def units_replaced(model: nn.Module, assign: dict[Unit, Unit], kinds: tuple[str, ...], spec: ArchSpec,
-                   num_units: int | None = None) -> Iterator[None]:
-    """While active, every unit of ``assign`` holds its donor's slices (written in place, restored on exit); donors
-    are never replaced units themselves."""
+                   num_units: int | None = None, norms: str = "own") -> Iterator[None]:
+    """While active, every unit of ``assign`` holds its donor's slices (written in place, restored on exit), and
+    with ``norms="donor"`` a layer whose units all reuse one layer runs that layer's q/k norms; donors are never
+    replaced units themselves."""
+    num_units = num_units or units(geometry(model))
+    moved = lent_norms(model, assign, kinds, spec, num_units) if norms == "donor" else []
     targets = [t for unit in assign for t in unit_tensors(model, unit, kinds, spec, num_units)]
     sources = [t for donor in assign.values() for t in unit_tensors(model, donor, kinds, spec, num_units)]
+    targets += [t for t, _ in moved]
+    sources += [s for _, s in moved]
     saved = [t.detach().clone() for t in targets]
     with torch.no_grad():
         for t, s in zip(targets, sources):
@@ -171,14 +199,20 @@ def contribution(heads: torch.Tensor, o_weight: torch.Tensor, cols: slice) -> to
 
 
 def local_changes(model: nn.Module, inputs: dict[int, tuple[tuple, dict]], candidates: dict[Unit, list[Unit]],
-                  part: Part, kinds: tuple[str, ...], progress: bool = False) -> dict[Unit, dict[Unit, float]]:
+                  part: Part, kinds: tuple[str, ...], progress: bool = False,
+                  norms: str = "own") -> dict[Unit, dict[Unit, float]]:
     """For every ``part`` unit and each of its candidate donors, the relative change of its layer's attention output.
 
     A unit's slices reach only its own columns of o_proj's input (its heads' outputs) and, sharing o, its own
     columns of W_o, so the change of the output is the change of the unit's contribution. Each attention call
-    therefore measures every unit of the layer at once, each with its next candidate (U pairs per call)."""
+    therefore measures every unit of the layer at once, each with its next candidate (U pairs per call).
+
+    ``norms="donor"`` moves the donor layer's q/k norms with its slices where a unit is its layer's only one (one KV
+    head): there a call's assignment is exactly a plan's. With several units a call's mix of donors is no plan, and
+    the norms stay."""
     spec, geo = arch_of(model), geometry(model)
     num_units = part.units(geo)
+    norms = norms if num_units == 1 else "own"
     out: dict[Unit, dict[Unit, float]] = {unit: {} for unit in candidates}
     bar = tqdm(total=sum(len(c) for c in candidates.values()), desc=f"DirectShare donors (local, {part.name})",
                unit="pair", disable=not progress, leave=False)
@@ -197,7 +231,7 @@ def local_changes(model: nn.Module, inputs: dict[int, tuple[tuple, dict]], candi
                 base = {unit: contribution(heads[-1], o_proj.weight, cols[unit]) for unit in mine}  # (N, T, D)
                 for step in range(max(len(candidates[unit]) for unit in mine)):
                     assign = {unit: candidates[unit][step] for unit in mine if step < len(candidates[unit])}
-                    with units_replaced(model, assign, kinds, spec, num_units):
+                    with units_replaced(model, assign, kinds, spec, num_units, norms):
                         module(*args, **kwargs)
                         for unit, donor in assign.items():
                             now = contribution(heads[-1], o_proj.weight, cols[unit])
@@ -251,7 +285,7 @@ class UnitCosts:
             by_cosine = cosine_order(vectors, allowed)  # (L, U, n) -> donors by cosine
             searched = {unit: order[: config.donor_pool or None] for unit, order in by_cosine.items()}
             kinds = part_kinds(part, config.share_o)
-            self.local[part.name] = local_changes(model, inputs, searched, part, kinds, progress)
+            self.local[part.name] = local_changes(model, inputs, searched, part, kinds, progress, config.norms)
             self.order[part.name] = donor_order(self.local[part.name], by_cosine)
         del inputs
         self.single = self._single_unit()
@@ -263,7 +297,7 @@ class UnitCosts:
                                            self.order[part.name]) for part in self.parts}
         return DirectSharePlan(**DirectSharePlan.lists(self.config.granularity, shared),
                                granularity=self.config.granularity,
-                               match=self.config.match, share_o=self.config.share_o)
+                               match=self.config.match, share_o=self.config.share_o, norms=self.config.norms)
 
     def _single_unit(self) -> dict[Key, float]:
         keys = [(part.name, *unit) for part in self.parts for unit in sorted(self.order[part.name])]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
@@ -16,7 +17,7 @@ from ..base import SharingMethod
 from ..surgery import detach, reattach
 from .config import DirectShareConfig
 from .loss_planner import loss_pairs
-from .modules import ROW_KINDS, GatheredLinear, UnitBank, compact
+from .modules import ROW_KINDS, GatheredLinear, SharedNorm, UnitBank, compact
 from .plan import GRANULARITIES, GROUP, DirectSharePlan, Pair, Part, grains, part_parameters, select_pairs
 from .planner import best_matches
 
@@ -76,8 +77,13 @@ class DirectShare(SharingMethod):
         if config.granularity != "group":  # units of unequal size: the ratio is a fraction of these parameters
             reached["shareable"] = geo.num_layers * sum(p.units(geo) * part_parameters(model, p, config.share_o)
                                                         for p in parts)
-        return self.plan_cls(**DirectSharePlan.lists(config.granularity, shared), granularity=config.granularity, match=config.match,
-                             share_o=config.share_o, ratio=config.ratio, select=config.select, reached=reached)
+        plan = self.plan_cls(**DirectSharePlan.lists(config.granularity, shared), granularity=config.granularity,
+                             match=config.match, share_o=config.share_o, ratio=config.ratio, select=config.select,
+                             reached=reached, norms=config.norms)
+        borrowed = travelling_norms(model, plan)
+        if borrowed:
+            reached["norms"] = len(borrowed)
+        return plan
 
     def trainable_parameters(self, model: nn.Module, plan: DirectSharePlan) -> list[tuple[str, nn.Parameter]]:
         """Healing trains the bank: the unique (and therefore shared) unit slices."""
@@ -103,11 +109,17 @@ class DirectShare(SharingMethod):
             biases = [getattr(getattr(attention(model, l), getattr(spec, k)), "bias", None) for l, _ in rows]
             if k in ROW_KINDS and biases[0] is not None:
                 bank_b[k] = stack_copy([biases[i].view(num_units, -1)[u] for i, (_, u) in enumerate(rows)])  # (N, r)
-        bank = UnitBank(bank_w, bank_b)
+        borrowed = travelling_norms(model, plan)
+        lending = sorted({(name, lender) for (name, _), lender in borrowed.items()})
+        norm_keys = {**{(name, lender): f"{name}_{lender}" for name, lender in lending},  # lenders run it too
+                     **{(name, layer): f"{name}_{lender}" for (name, layer), lender in borrowed.items()}}
+        lent = {f"{name}_{lender}": copy.deepcopy(getattr(attention(model, lender), name))  # fresh storage: the
+                for name, lender in lending}  # layers' own norms are freed below
+        bank = UnitBank(bank_w, bank_b, lent)
         records = []
         for layer in plan.layers:
             attn = attention(model, layer)
-            modules = {}
+            modules = {name: SharedNorm(bank, key) for (name, l), key in norm_keys.items() if l == layer}
             for k in kinds:
                 base = getattr(attn, getattr(spec, k))
                 own_bias = base.bias.detach().clone() if k == "o" and base.bias is not None else None
@@ -131,7 +143,16 @@ class DirectShare(SharingMethod):
         """Bank rows that no remaining projection reads (a later SA plan removed its receivers' q/k) are freed."""
         bank = getattr(model, BANK, None)
         if bank is not None:
-            compact(bank, [m for m in model.modules() if isinstance(m, GatheredLinear) and m.bank is bank])
+            compact(bank, [m for m in model.modules() if isinstance(m, GatheredLinear) and m.bank is bank],
+                    [m for m in model.modules() if isinstance(m, SharedNorm) and m.bank is bank])
+
+
+def travelling_norms(model: nn.Module, plan: DirectSharePlan) -> dict[tuple[str, int], int]:
+    """(norm name, layer) -> lender layer of the q/k norms the plan moves (``norms="donor"``): per-head norms only;
+    a norm over the whole projection (OLMo-2) is tied to its layer's head order and stays."""
+    if arch_of(model).qk_norm_scope != "head":
+        return {}
+    return plan.norm_lenders(geometry(model))
 
 
 def bank_rows(plan: DirectSharePlan, part: Part, geo: Geometry) -> dict[tuple[int, int], int]:

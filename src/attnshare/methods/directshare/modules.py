@@ -14,19 +14,55 @@ ROW_KINDS = ("q", "k", "v")  # projections split by output rows; "o" is split by
 
 
 class UnitBank(nn.Module):
-    """Unique unit slices, one parameter per projection kind: q/k/v (N, r, D), o (D, N, r), biases (N, r).
+    """Unique unit slices, one parameter per projection kind: q/k/v (N, r, D), o (D, N, r), biases (N, r); and the
+    q/k norms that travel with them (``norms``, e.g. ``q_norm_4``: layer 4's q_norm, which other layers run too).
 
     o keeps the bank axis in the middle so a run of consecutive units is a (D, n*r) view for ``F.linear``."""
 
-    def __init__(self, weights: dict[str, torch.Tensor], biases: dict[str, torch.Tensor]) -> None:
+    def __init__(self, weights: dict[str, torch.Tensor], biases: dict[str, torch.Tensor],
+                 norms: dict[str, nn.Module] | None = None) -> None:
         super().__init__()
         for kind, w in weights.items():
             self.register_parameter(kind, nn.Parameter(w))
         for kind, b in biases.items():
             self.register_parameter(f"{kind}_bias", nn.Parameter(b))
+        self.norms = nn.ModuleDict(norms or {})
+
+    def kinds(self) -> list[str]:
+        """The projection kinds the bank holds slices of (q, k, v, o)."""
+        return [name for name, _ in self.named_parameters(recurse=False) if not name.endswith("_bias")]
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{n}={tuple(p.shape)}" for n, p in self.named_parameters())
+        return ", ".join(f"{n}={tuple(p.shape)}" for n, p in self.named_parameters(recurse=False))
+
+
+class SharedNorm(nn.Module):
+    """A layer's q_norm/k_norm that is stored once in a :class:`UnitBank` and run by the layer it came from and by
+    the layers that borrow it (the model's own norm module, moved; nothing of its forward is rewritten). The bank is
+    referenced, not registered, so the weight is counted and saved once."""
+
+    def __init__(self, bank: UnitBank, key: str) -> None:
+        super().__init__()
+        self._bank = (bank,)
+        self.key = key
+
+    @property
+    def bank(self) -> UnitBank:
+        return self._bank[0]
+
+    @property
+    def norm(self) -> nn.Module:
+        return self.bank.norms[self.key]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.norm.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+    def extra_repr(self) -> str:
+        return f"bank norm {self.key}"
 
 
 def runs_of(index: list[int]) -> list[tuple[int, int]]:
@@ -67,10 +103,13 @@ def gathered_linear(x: torch.Tensor, bank: torch.Tensor, bias: torch.Tensor | No
     return out if own_bias is None else out + own_bias
 
 
-def compact(bank: UnitBank, users: list[GatheredLinear]) -> None:
+def compact(bank: UnitBank, users: list[GatheredLinear], norm_users: list[SharedNorm]) -> None:
     """Drop the bank rows no projection in ``users`` reads any more (a later plan removed the projections, e.g. SA
-    receivers' q/k) and renumber the users' indices; the dropped rows' memory is freed."""
-    for kind in [n for n, _ in bank.named_parameters() if not n.endswith("_bias")]:
+    receivers' q/k) and renumber the users' indices, and the norms no module in ``norm_users`` runs; the dropped
+    rows' and norms' memory is freed."""
+    for key in set(bank.norms) - {n.key for n in norm_users}:
+        del bank.norms[key]
+    for kind in bank.kinds():
         readers = [u for u in users if u.kind == kind]
         used = sorted({row for u in readers for row in u.index})
         param = getattr(bank, kind)

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from ...analysis.weights import check_match
-from ...arch import Geometry, arch_of, attention, geometry
+from ...arch import NORM_NAMES, Geometry, arch_of, attention, geometry
 from ...errors import AttnshareError
 from ...plan import Plan, check_layer
 from .planner import WeightMatches
@@ -40,6 +40,8 @@ GROUP = Part("group", ("q", "k", "v"))  # a KV group: its G query heads' W_q row
 QUERY = Part("query", ("q",), per_query_head=True, noun="query-head units", plan_field="q_pairs")
 KV = Part("kv", ("k", "v"), noun="KV-head units")  # one KV head's W_k/W_v rows
 GRANULARITIES: dict[str, tuple[Part, ...]] = {"group": (GROUP,), "split": (KV, QUERY)}  # the plan's pair lists, in order
+NORM_RULES = ("donor", "own")  # whose q_norm/k_norm a layer runs when all its q (k) units reuse one earlier layer
+NORM_OF = dict(zip(("q", "k"), NORM_NAMES))  # the per-layer norm that follows each projection kind's units
 
 
 @dataclass
@@ -56,9 +58,13 @@ class DirectSharePlan(Plan):
     # what the planner reached (informational): units replaced, units in the model, parameters the replaced units
     # free, attention parameters in the model
     reached: dict[str, int] | None = None
+    # q/k norms (per head, Qwen3/Gemma3) of a layer whose every q (k) unit reuses units of one earlier layer: "donor"
+    # (that layer's norm, stored once) or "own"; plans saved before this field read as "own", what they were built with
+    norms: str = "own"
 
     def validate(self, geo: Geometry) -> None:
         check_match(self.match)
+        check_norms(self.norms)
         if self.granularity not in GRANULARITIES:
             raise AttnshareError(f"Unknown DirectShare granularity {self.granularity!r}; the plan must name one of "
                                  f"{', '.join(GRANULARITIES)}.")
@@ -83,6 +89,18 @@ class DirectSharePlan(Plan):
     def roots_of(self, part: Part) -> dict[tuple[int, int], tuple[int, int]]:
         return {(l, u): (rl, ru) for l, u, rl, ru in dict(self.parts())[part]}
 
+    def norm_lenders(self, geo: Geometry) -> dict[tuple[str, int], int]:
+        """(norm name, layer) -> the earlier layer whose norm it runs (``norms="donor"``): layers whose every unit of
+        the part holding q (for q_norm) or k (for k_norm) reuses a unit of that one layer. Lenders are unreplaced."""
+        if self.norms != "donor":
+            return {}
+        out = {}
+        for kind, name in NORM_OF.items():
+            part = self.part_of(kind)
+            for layer, lender in lenders(self.roots_of(part), part.units(geo)).items():
+                out[name, layer] = lender
+        return out
+
     @property
     def layers(self) -> list[int]:
         """Layers whose projections change: those with a replaced unit or a root."""
@@ -94,6 +112,8 @@ class DirectSharePlan(Plan):
                "select": self.select, "reached": self.reached, "pairs": [list(p) for p in self.pairs]}
         if self.granularity != "group":  # plans of KV-group units read as before
             out.update(granularity=self.granularity, q_pairs=[list(p) for p in self.q_pairs])
+        if self.norms != "own":
+            out["norms"] = self.norms
         return out
 
     @classmethod
@@ -103,7 +123,8 @@ class DirectSharePlan(Plan):
         return cls(pairs=pairs, match=str(data.get("match", "qk")), share_o=bool(data.get("share_o", False)),
                    granularity=str(data.get("granularity", "group")), q_pairs=q_pairs,
                    ratio=None if ratio is None else float(ratio), select=None if select is None else str(select),
-                   reached=None if reached is None else {str(k): int(v) for k, v in reached.items()})
+                   reached=None if reached is None else {str(k): int(v) for k, v in reached.items()},
+                   norms=str(data.get("norms", "own")))
 
     @staticmethod
     def lists(granularity: str, shared: dict[str, list[Pair]]) -> dict[str, list[Pair]]:
@@ -120,7 +141,27 @@ class DirectSharePlan(Plan):
         units = (f"{len(self.pairs)} units" if self.granularity == "group" else
                  f"{len(self.pairs)} KV heads + {len(self.q_pairs)} query heads")
         share = f"{units} share ({chosen}{', +o' if self.share_o else ''})"
-        return f"{self.method}: {share} across {len(self.layers)} layers{reached_text(self.reached, self.ratio)}"
+        borrowed = (self.reached or {}).get("norms", 0)
+        norms = f"; {borrowed} q/k norms run their donor layer's" if borrowed else ""
+        return (f"{self.method}: {share} across {len(self.layers)} layers{reached_text(self.reached, self.ratio)}"
+                f"{norms}")
+
+
+def check_norms(norms: str) -> None:
+    if norms not in NORM_RULES:
+        raise AttnshareError(f"--norms must be {' or '.join(NORM_RULES)}, got {norms!r}.")
+
+
+def lenders(roots: dict[tuple[int, int], tuple[int, int]], num_units: int) -> dict[int, int]:
+    """Layer -> lender for every layer all of whose ``num_units`` units map (in ``roots``: (layer, unit) -> (root
+    layer, root unit)) to units of one other layer; ``{(5, 0): (2, 1), (5, 1): (2, 0)}`` with 2 units -> {5: 2}."""
+    by_layer: dict[int, set[int]] = {}
+    counts: dict[int, int] = {}
+    for (layer, _), (root_layer, _) in roots.items():
+        by_layer.setdefault(layer, set()).add(root_layer)
+        counts[layer] = counts.get(layer, 0) + 1
+    return {layer: next(iter(found)) for layer, found in sorted(by_layer.items())
+            if counts[layer] == num_units and len(found) == 1}
 
 
 def reached_text(reached: dict[str, int] | None, ratio: float | None) -> str:

@@ -22,7 +22,7 @@ from ...models.loading import load_model
 from ...sharing.apply import apply, unapply
 from .config import SELECT_RULES, DirectShareConfig
 from .method import DirectShare
-from .plan import GRANULARITIES
+from .plan import GRANULARITIES, NORM_RULES
 from .planner import best_matches, match_statistics
 
 
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--matches", nargs="+", default=list(MATCH_FUNCTIONS))
     p.add_argument("--selects", nargs="+", default=["cosine"], choices=list(SELECT_RULES))
     p.add_argument("--granularities", nargs="+", default=["group"], choices=list(GRANULARITIES))
+    p.add_argument("--norms", nargs="+", default=[DirectShareConfig.norms], choices=list(NORM_RULES))
     p.add_argument("--loss-tokens", type=int, default=DirectShareConfig.loss_tokens)
     p.add_argument("--share-o", action="store_true")
     p.add_argument("--threads", type=int, default=1)
@@ -55,21 +56,23 @@ def main(argv: list[str] | None = None) -> int:
     method = DirectShare()
     for match in args.matches:
         out["stats"][match] = match_statistics(best_matches(model, match))
-        for select, granularity in [(s, g) for s in args.selects for g in args.granularities
-                                    if not (s == "cosine" and g == "split")]:
+        for select, granularity, norms in [(s, g, n) for s in args.selects for g in args.granularities
+                                           for n in args.norms if not (s == "cosine" and g == "split")]:
             configs = [DirectShareConfig(ratio=ratio, match=match, select=select, share_o=args.share_o,
-                                         granularity=granularity, loss_tokens=args.loss_tokens)
+                                         granularity=granularity, loss_tokens=args.loss_tokens, norms=norms)
                        for ratio in args.ratios]
             start = time.perf_counter()
             plans = method.make_plans(model, configs)
             planning = time.perf_counter() - start
-            print(f"planned {match}/{select}/{granularity} in {planning:.0f} s", flush=True)
+            print(f"planned {match}/{select}/{granularity}/{norms} norms in {planning:.0f} s", flush=True)
             for ratio, plan in zip(args.ratios, plans):
                 apply(model, plan, keep_originals=True)
                 start = time.perf_counter()
                 ppl = perplexity(model, tok, protocol, progress=False)
                 row = {"match": match, "select": select, "ratio": ratio, "share_o": args.share_o,
-                       "granularity": plan.granularity, "units": plan.num_pairs, "params saved": params - model.num_parameters(), "ppl": ppl.ppl,
+                       "granularity": plan.granularity, "norms": norms, "units": plan.num_pairs,
+                       "borrowed norms": (plan.reached or {}).get("norms", 0),
+                       "params saved": params - model.num_parameters(), "ppl": ppl.ppl,
                        "ppl ratio": ppl.ppl / out["base"]["ppl"], "planning seconds (all ratios)": planning,
                        "seconds": time.perf_counter() - start, "pairs": [list(pair) for pair in plan.pairs],
                        "q_pairs": [list(pair) for pair in plan.q_pairs]}

@@ -142,9 +142,10 @@ def tied_masks(model: nn.Module, plan: PostSharePlan) -> dict[str, torch.Tensor]
     geo = geometry(model)
     out = {}
     for name, p in model.named_parameters():
-        if not name.startswith(BANK + "."):
+        kind = name[len(BANK) + 1:].removesuffix("_bias") if name.startswith(BANK + ".") else None
+        if kind not in ("q", "k", "v", "o"):  # not the bank, or a travelling q/k norm (not post-trained)
             continue
-        part = plan.part_of(name[len(BANK) + 1:].removesuffix("_bias"))
+        part = plan.part_of(kind)
         rows = bank_rows(plan, part, geo)
         chosen = sorted({rows[root] for root in plan.roots_of(part).values()})
         axis = 1 if name == f"{BANK}.o" else 0
