@@ -220,6 +220,25 @@ def test_bench_cli_compiled_runs_every_variant_compiled_beside_the_eager_base(ti
         "compiled decode, static cache", "compiled decode, static cache", "eager, dynamic cache"]
 
 
+def test_compiled_bench_gives_the_callers_models_back_their_attention():
+    """bench --compile runs base and variants through attnshare's GQA SDPA; the models it was given (the API
+    caller's own objects) run their own implementation again afterwards, with the same logits."""
+    from attnshare.attention.dispatch import attention_restored, use_gqa_sdpa
+    from attnshare.hf_compat import attn_implementation
+
+    models = [tiny_model("llama"), attnshare.apply(tiny_model("llama"), _sa(tiny_model("llama")))]
+    ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(0))
+    before = [attn_implementation(m) for m in models]
+    with torch.no_grad():
+        want = [m(ids).logits for m in models]
+    with attention_restored(models):
+        assert all(use_gqa_sdpa(m) for m in models)
+        assert [attn_implementation(m) for m in models] == ["attnshare_gqa_sdpa"] * 2
+    assert [attn_implementation(m) for m in models] == before == ["sdpa", "attnshare_sdpa"]
+    with torch.no_grad():
+        assert all(torch.equal(m(ids).logits, w) for m, w in zip(models, want))
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--scenario", "huge", "--method", "sa", "--receivers", "2"], "Unknown scenario"),
     (["--max-batch", "--method", "sa", "--receivers", "2"], "--memory-budget-gb"),

@@ -7,7 +7,8 @@ matching mask function is registered too (without it HF would silently build no 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -76,6 +77,19 @@ def use_gqa_sdpa(model) -> bool:
     return True
 
 
+@contextmanager
+def attention_restored(models: list) -> Iterator[None]:
+    """Whatever attention implementation the models switch to inside (e.g. :func:`use_gqa_sdpa`), each runs its own
+    again afterwards."""
+    before = [attn_implementation(model) for model in models]
+    try:
+        yield
+    finally:
+        for model, name in zip(models, before):
+            if attn_implementation(model) != name:
+                model.set_attn_implementation(name)
+
+
 class Publisher:
     """Attention hook of a donor layer: computes the layer's own output and publishes its attention.
 
@@ -95,7 +109,7 @@ class Publisher:
 
     def __call__(self, module, fn, q, k, v, mask, scaling=None, dropout=0.0, **kwargs):
         scaling = module.scaling if scaling is None else scaling
-        k, v = reachable_keys(k, v, mask, q.shape[-2])  # a static cache's first prefill: its real keys only
+        k, v = reachable_keys(mask, q.shape[-2], k, v)  # a static cache's first prefill: its real keys only
         softcap = kwargs.get("softcap")
         needs_map = self.need_scores and torch.is_grad_enabled()  # autograd through a LiSA consumer's scores
         # SDPA has no logit soft-capping (Gemma-2): a soft-capped donor publishes its probabilities instead

@@ -25,16 +25,15 @@ def causal_bool_mask(tq: int, s: int, device: torch.device) -> torch.Tensor:
     return torch.arange(s, device=device)[None, :] <= q_pos
 
 
-def reachable_keys(k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, tq: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """k (B,Hk,S,dk) and v (B,Hv,S,dv) cut to the keys a block of ``tq`` queries can reach.
+def reachable_keys(mask: torch.Tensor | None, tq: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Key-side tensors (B,H,S,·): k, v, or v alone, cut to the keys a block of ``tq`` queries can reach.
 
     A prefill of Tq > 1 tokens into an empty static cache of S > Tq slots comes with no mask: HF relies on SDPA's
     upper-left ``is_causal``, under which only the first Tq keys are real. Cut to them, the block is the plain
     causal case (Tq == S) that every function here reads a missing mask as; anything else passes unchanged."""
-    if mask is None and 1 < tq < k.shape[-2]:
-        return k[..., :tq, :], v[..., :tq, :]  # (B,Hk,Tq,dk), (B,Hv,Tq,dv)
-    return k, v
+    if mask is None and 1 < tq < tensors[0].shape[-2]:
+        return tuple(t[..., :tq, :] for t in tensors)  # (B,H,Tq,·)
+    return tensors
 
 
 def grouped_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -142,6 +141,6 @@ def gqa_sdpa_attention(module, q, k, v, mask, scaling: float | None = None, drop
     scaling = module.scaling if scaling is None else scaling
     if softcap is not None or (dropout and getattr(module, "training", False)):
         return eager_attention(module, q, k, v, mask, scaling, dropout, softcap)
-    k, v = reachable_keys(k, v, mask, q.shape[-2])
+    k, v = reachable_keys(mask, q.shape[-2], k, v)
     return fused_attention(q, k, v, mask, scaling), None
 

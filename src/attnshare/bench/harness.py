@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..api import apply, load, read_artifact
-from ..attention.dispatch import use_gqa_sdpa
+from ..attention.dispatch import attention_restored, use_gqa_sdpa
 from ..errors import AttnshareError
 from ..hf_compat import extend_cache, new_cache, new_static_cache, reset_cache, tile_cache, with_cache
 from ..memory import cache_bytes, parameter_bytes
@@ -473,51 +473,52 @@ def run_bench(variants: list[Variant], scenario: Scenario, config: BenchConfig |
     full_warmup = device.type == "cuda" or config.compile  # a compiled graph is built for the measured shapes
     warm_ids = ids if full_warmup else ids[:, : min(scenario.context, 64)]
     warm_new = scenario.new_tokens if device.type == "cuda" else min(scenario.new_tokens, 4)
-    paths = [_Path.of(m, v, config, scenario) for v, m in zip(variants, models)]
+    with attention_restored(models):  # compiled variants switch to gqa_sdpa; the caller's models get theirs back
+        paths = [_Path.of(m, v, config, scenario) for v, m in zip(variants, models)]
 
-    n = len(models)
-    samples: list[list[Sample]] = [[] for _ in models]
-    kv = [0] * n
-    firsts: list[Sample | None] = [None] * n  # each variant's first run (where a compiled one compiles)
-    bar = tqdm(total=config.warmup * n * (1 + warm_new) + config.repeats * n * (1 + scenario.new_tokens),
-               desc=f"bench {scenario.name}", unit="call", disable=not config.progress)
-    for rep in range(config.warmup + config.repeats):
-        warm = rep < config.warmup
-        order = [(j + rep) % n for j in range(n)]  # rotate the order every repeat
-        runs = [Generation(models[i], warm_ids if warm else ids, batches[i] // prefill_batch, synthetic,
-                           paths[i].forward, paths[i].empty_cache(ids), paths[i].prefill) for i in range(n)]
-        for i in order:
-            runs[i].prefill()
-            bar.update()
-        for _ in range(warm_new if warm else scenario.new_tokens):  # lockstep: one step of every variant in turn
+        n = len(models)
+        samples: list[list[Sample]] = [[] for _ in models]
+        kv = [0] * n
+        firsts: list[Sample | None] = [None] * n  # each variant's first run (where a compiled one compiles)
+        bar = tqdm(total=config.warmup * n * (1 + warm_new) + config.repeats * n * (1 + scenario.new_tokens),
+                   desc=f"bench {scenario.name}", unit="call", disable=not config.progress)
+        for rep in range(config.warmup + config.repeats):
+            warm = rep < config.warmup
+            order = [(j + rep) % n for j in range(n)]  # rotate the order every repeat
+            runs = [Generation(models[i], warm_ids if warm else ids, batches[i] // prefill_batch, synthetic,
+                               paths[i].forward, paths[i].empty_cache(ids), paths[i].prefill) for i in range(n)]
             for i in order:
-                runs[i].step()
+                runs[i].prefill()
                 bar.update()
-        for i in order:
-            if firsts[i] is None:
-                firsts[i] = Sample(runs[i].prefill_s, runs[i].first_step_s or 0.0, None)
-            if not warm:
-                samples[i].append(runs[i].sample())
-                kv[i] = cache_bytes(runs[i].cache)
-        del runs
-    bar.close()
+            for _ in range(warm_new if warm else scenario.new_tokens):  # lockstep: one step of every variant in turn
+                for i in order:
+                    runs[i].step()
+                    bar.update()
+            for i in order:
+                if firsts[i] is None:
+                    firsts[i] = Sample(runs[i].prefill_s, runs[i].first_step_s or 0.0, None)
+                if not warm:
+                    samples[i].append(runs[i].sample())
+                    kv[i] = cache_bytes(runs[i].cache)
+            del runs
+        bar.close()
 
-    profiles = {}
-    if config.profile:
-        for v, m, b in zip(variants, models, batches):
-            profiles[v.name] = profile_generation(m, ids, b // prefill_batch, min(scenario.new_tokens, 8), synthetic)
+        profiles = {}
+        if config.profile:
+            for v, m, b in zip(variants, models, batches):
+                profiles[v.name] = profile_generation(m, ids, b // prefill_batch, min(scenario.new_tokens, 8), synthetic)
 
-    results = []
-    for i, (v, m) in enumerate(zip(variants, models)):
-        result = _summarise(v.name, m, samples, i, kv[i], costs, params, batches, prefill_batch, scenario,
-                            ids.shape[1])
-        result.path = paths[i].label
-        if paths[i].compiled and full_warmup and config.warmup:
-            steady = result.prefill_s + result.decode_s / scenario.new_tokens
-            result.compile_s = max(firsts[i].prefill_s + firsts[i].decode_s - steady, 0.0)
-        results.append(result)
-    machine = machine_info(device, next(models[0].parameters()).dtype)
-    return BenchResult(scenario, config, machine, results, command, profiles=profiles)
+        results = []
+        for i, (v, m) in enumerate(zip(variants, models)):
+            result = _summarise(v.name, m, samples, i, kv[i], costs, params, batches, prefill_batch, scenario,
+                                ids.shape[1])
+            result.path = paths[i].label
+            if paths[i].compiled and full_warmup and config.warmup:
+                steady = result.prefill_s + result.decode_s / scenario.new_tokens
+                result.compile_s = max(firsts[i].prefill_s + firsts[i].decode_s - steady, 0.0)
+            results.append(result)
+        machine = machine_info(device, next(models[0].parameters()).dtype)
+        return BenchResult(scenario, config, machine, results, command, profiles=profiles)
 
 
 @dataclass

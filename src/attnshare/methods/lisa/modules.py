@@ -240,7 +240,7 @@ class LiSAAttention(nn.Module):
         cache = module_cache(kwargs)
         if cache is not None:  # the cache stores k_lr (B,Hkv,S,r) and V, no full K
             k, v = update_kv(cache, self.layer_idx, k, v)
-            k, v = reachable_keys(k, v, attention_mask, t)  # a static cache's first prefill: its real keys only
+            k, v = reachable_keys(attention_mask, t, k, v)  # a static cache's first prefill: its real keys only
         donor = self.context.consume(self.donor, self.layer_idx)
         shift = 0 if cache is None else self.key_shift(cache, donor_keys(donor), k.shape[-2])
         if self.blockwise(donor, t, k.shape[-2], shift):

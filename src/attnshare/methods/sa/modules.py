@@ -54,7 +54,7 @@ class SharedAttentionReceiver(nn.Module):
         cache = module_cache(kwargs)
         if cache is not None:  # zero-width K: the cache really stores no K for this layer
             v = update_value_only(cache, self.layer_idx, v)  # (B,Hkv,S,d)
-            _, v = reachable_keys(v, v, attention_mask, t)  # a static cache's first prefill: its real keys only
+            (v,) = reachable_keys(attention_mask, t, v)  # a static cache's first prefill: its real keys only
         state = self.context.consume(self.donor, self.layer_idx)
         out = reuse_attention(state, v, self.head_map)  # (B,T,H,d)
         return getattr(self, self.o_name)(out.reshape(b, t, -1)), None
