@@ -59,3 +59,13 @@ def test_train_cli_heals_and_writes_an_artifact(tiny_folder, tmp_path):
     report = json.loads((art / "train.json").read_text())
     assert report["steps"] == 3 and len(report["losses"]) == 3
     assert (tmp_path / "healed-checkpoints").is_dir()  # beside the artifact, which stays small
+
+
+def test_every_command_prints_its_help(capsys):
+    """`attnshare <command> --help` works for every command: each flag's help is an argparse format string, so a
+    stray percent sign in a config field's help would break it."""
+    from attnshare.cli import COMMANDS
+
+    for name in ["", *COMMANDS]:
+        assert main([name, "--help"] if name else ["--help"]) == 0
+        assert "usage: attnshare" in capsys.readouterr().out
