@@ -221,20 +221,25 @@ def test_bench_cli_compiled_runs_every_variant_compiled_beside_the_eager_base(ti
 
 
 def test_compiled_bench_gives_the_callers_models_back_their_attention():
-    """bench --compile runs base and variants through attnshare's GQA SDPA; the models it was given (the API
-    caller's own objects) run their own implementation again afterwards, with the same logits."""
-    from attnshare.attention.dispatch import attention_restored, use_gqa_sdpa
+    """bench --compile puts base and variants on the fast path (attnshare's GQA SDPA; compiled kernels in a shared
+    model's eager prefill blocks); the models it was given (the API caller's own objects) run as before afterwards,
+    with the same logits."""
     from attnshare.hf_compat import attn_implementation
+    from attnshare.sharing.apply import fast_path_restored, use_fast_path
+    from attnshare.sharing.state import state_of
 
     models = [tiny_model("llama"), attnshare.apply(tiny_model("llama"), _sa(tiny_model("llama")))]
     ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(0))
     before = [attn_implementation(m) for m in models]
     with torch.no_grad():
         want = [m(ids).logits for m in models]
-    with attention_restored(models):
-        assert all(use_gqa_sdpa(m) for m in models)
+    with fast_path_restored(models):
+        for m in models:
+            use_fast_path(m)
         assert [attn_implementation(m) for m in models] == ["attnshare_gqa_sdpa"] * 2
+        assert state_of(models[1]).context.fused_kernels
     assert [attn_implementation(m) for m in models] == before == ["sdpa", "attnshare_sdpa"]
+    assert not state_of(models[1]).context.fused_kernels
     with torch.no_grad():
         assert all(torch.equal(m(ids).logits, w) for m, w in zip(models, want))
 
@@ -262,3 +267,18 @@ def test_synthetic_context_builds_the_same_cache_shapes(arch):
     synthetic = run_bench([base_variant(base)], scenario, config).variants[0]
     real = run_bench([base_variant(base)], scenario, BenchConfig(repeats=1, warmup=0, device="cpu", progress=False))
     assert synthetic.kv_bytes == real.variants[0].kv_bytes
+
+
+def test_keeping_freed_memory_is_glibc_tuning_and_hides_cpu_peaks(monkeypatch):
+    """The CLI's allocator setting succeeds on glibc; once the process keeps freed memory, a CPU peak read off the
+    resident set would miss the temporaries, so none is reported."""
+    import platform
+
+    from attnshare import allocator
+    from attnshare.bench.memory import PeakMemory
+
+    assert allocator.keep_freed_memory() == (platform.libc_ver()[0] == "glibc") == allocator.tuned()
+    monkeypatch.setitem(allocator._STATE, "tuned", True)
+    with PeakMemory("cpu") as peak:
+        torch.ones(1 << 20)
+    assert peak.peak_bytes is None

@@ -614,13 +614,13 @@ def test_q_k_norms_travel_with_a_whole_layers_weights_stored_once(arch, tmp_path
     default): the same logits as writing the donor's slices and norms in place (what the planner measures), one
     norm fewer in the parameters, the norm stored once in the bank for the lender and its borrower; a later SA plan
     that removes the borrower keeps it for the lender, one that removes both frees it; save/load and unapply hold."""
+    from conftest import tiny_checkpoint
+
     from attnshare.arch import arch_of
     from attnshare.methods.directshare.loss_planner import units_replaced
     from attnshare.methods.directshare.method import BANK
     from attnshare.methods.directshare.modules import SharedNorm
     from attnshare.methods.sa import SAPlan
-
-    from conftest import tiny_checkpoint
 
     folder = str(tiny_checkpoint(tmp_path / arch, arch, 6))
     base, _ = attnshare.load_model(folder)

@@ -111,6 +111,67 @@ def test_blockwise_prefill_equals_whole_maps(arch, source):
     torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=3e-5)
 
 
+@pytest.mark.parametrize("width", [0, 2])
+def test_fused_head_ffn_kernel_equals_the_eager_gemms(width, monkeypatch, caplog):
+    """The head FFN as per-channel sums, eager and compiled (the kernel of eager prefill blocks), equals the
+    batched GEMMs, masked donor entries included; where compiling fails the GEMMs run, after one warning."""
+    from attnshare.methods.lisa import kernels
+    from attnshare.methods.lisa.modules import HeadAligner
+
+    aligner = HeadAligner([2, 0, 3, 1], width, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in aligner.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.3)
+    z = torch.randn(2, 4, 5, 7, generator=torch.Generator().manual_seed(2))
+    z[..., 0, 3:] = float("-inf")  # masked entries, as a donor with a real mask publishes them
+    mlp = (aligner.up, aligner.up_bias, aligner.down) if width else (None, None, None)
+    with torch.no_grad():
+        want = aligner(z, fill=True)
+        assert torch.isfinite(want).all()
+        torch.testing.assert_close(kernels.unrolled_head_ffn(z, aligner.skip, *mlp, True), want)
+        torch.testing.assert_close(aligner(z, fill=True, fused=True), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(aligner(z[..., 1:, :3], fused=True), aligner(z[..., 1:, :3]), rtol=1e-5, atol=1e-6)
+
+        def broken(*args):
+            raise RuntimeError("no C++ compiler\ndetails")
+
+        monkeypatch.setattr(kernels, "_compiled", lambda: broken)
+        monkeypatch.setitem(kernels._STATE, "enabled", True)
+        with caplog.at_level("WARNING", logger=kernels.__name__):
+            assert torch.equal(aligner(z, fill=True, fused=True), want)
+            assert torch.equal(aligner(z, fill=True, fused=True), want)
+    assert [r.getMessage() for r in caplog.records if r.name == kernels.__name__] == [
+        ("LiSA's fused head-FFN kernel is unavailable here (RuntimeError: no C++ compiler); prefill runs the eager "
+         "GEMMs.")]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_fast_path_prefill_blocks_run_the_fused_kernel_and_equal_whole_maps(arch, monkeypatch):
+    """On the fast path (bench/generate --compile) eager prefill blocks run the compiled head-FFN kernel: the same
+    logits as whole maps; a plain forward never runs it."""
+    from attnshare.methods.lisa import modules
+    from attnshare.sharing.apply import use_fast_path
+
+    model = attnshare.apply(tiny_model(arch, num_layers=6), lisa_plan((1, 2, 3, 5)))
+    perturb(model)
+    ids = random_ids(2, 19, seed=4)
+    calls = []
+    real = modules.head_ffn
+
+    def counted(*args):
+        out = real(*args)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(modules, "head_ffn", counted)
+    blocked_and_whole(model, 4, lambda m: m(ids, use_cache=False).logits)
+    assert calls == []  # off the fast path: the eager GEMMs
+    use_fast_path(model)
+    blocked, whole = blocked_and_whole(model, 4, lambda m: m(ids, use_cache=False).logits)
+    assert calls and all(calls)
+    torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=3e-5)
+
+
 def test_blockwise_prefill_after_a_cached_prefix_and_with_padding():
     """A second prompt chunk over a cached prefix (keys > queries) and a left-padded batch (a tensor mask)."""
     from transformers import DynamicCache

@@ -69,6 +69,9 @@ class ShareContext:
     def __init__(self) -> None:
         self.last_consumer: dict[int, int] = {}  # donor layer -> highest layer index that reads it
         self._states: dict[int, DonorState] = {}
+        # the fast path (bench/generate --compile): eager prefill blocks may run kernels compiled once per process
+        # (LiSA's head FFN); off by default, so a plain forward never waits for a compiler
+        self.fused_kernels = False
 
     def add_edge(self, donor: int, consumer: int) -> None:
         self.last_consumer[donor] = max(consumer, self.last_consumer.get(donor, -1))

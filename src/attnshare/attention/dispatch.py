@@ -7,8 +7,7 @@ matching mask function is registered too (without it HF would silently build no 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 
@@ -75,19 +74,6 @@ def use_gqa_sdpa(model) -> bool:
         return False
     model.set_attn_implementation(register("gqa_sdpa"))
     return True
-
-
-@contextmanager
-def attention_restored(models: list) -> Iterator[None]:
-    """Whatever attention implementation the models switch to inside (e.g. :func:`use_gqa_sdpa`), each runs its own
-    again afterwards."""
-    before = [attn_implementation(model) for model in models]
-    try:
-        yield
-    finally:
-        for model, name in zip(models, before):
-            if attn_implementation(model) != name:
-                model.set_attn_implementation(name)
 
 
 class Publisher:

@@ -46,7 +46,7 @@ def grouped_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def raw_scores(q: torch.Tensor, k: torch.Tensor, scaling: float, softcap: float | None = None) -> torch.Tensor:
     """Unmasked pre-softmax scores in float32: q (B,H,Tq,d), k (B,Hkv,S,d) -> (B,H,Tq,S)."""
-    scores = grouped_matmul(q, k.transpose(-1, -2)).float() * scaling  # (B,H,Tq,S)
+    scores = grouped_matmul(q, k.transpose(-1, -2)).float().mul_(scaling)  # (B,H,Tq,S), fresh: scaled in place
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     return scores
@@ -75,9 +75,13 @@ def apply_mask(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (scores + mask.float()).masked_fill(mask == torch.finfo(mask.dtype).min, float("-inf"))
 
 
-def softmax_probs(scores: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Row softmax of float32 scores, cast to ``dtype``; fully masked rows give zeros instead of NaN."""
-    return torch.softmax(scores, dim=-1).nan_to_num(0.0).to(dtype)
+def softmax_probs(scores: torch.Tensor, dtype: torch.dtype, every_row_sees_a_key: bool = False) -> torch.Tensor:
+    """Row softmax of float32 scores, cast to ``dtype``; fully masked rows give zeros instead of NaN (a pass that
+    ``every_row_sees_a_key``, e.g. a causal block without a padding mask, skips)."""
+    probs = torch.softmax(scores, dim=-1)
+    if not every_row_sees_a_key:  # in place unless autograd needs the softmax output for its backward
+        probs = probs.nan_to_num(0.0) if probs.requires_grad else probs.nan_to_num_(0.0)
+    return probs.to(dtype)
 
 
 def attention_probs(

@@ -35,10 +35,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..api import apply, load, read_artifact
-from ..attention.dispatch import attention_restored, use_gqa_sdpa
 from ..errors import AttnshareError
 from ..hf_compat import extend_cache, new_cache, new_static_cache, reset_cache, tile_cache, with_cache
 from ..memory import cache_bytes, parameter_bytes
+from ..sharing.apply import fast_path_restored, use_fast_path
 from . import bytemodel
 from .bytemodel import ModelCosts
 from .memory import PeakMemory
@@ -155,6 +155,10 @@ class BenchConfig:
     compile_prefill: bool = field(default=True, metadata={
         "help": "with --compile, compile the prefill too (one more graph per variant; --no-compile-prefill keeps it "
                 "eager, as HF's generate does)"})
+    keep_freed_memory: bool = field(default=True, metadata={
+        "help": "the CLI's allocator setting: glibc keeps freed chunks for reuse instead of page-faulting every "
+                "large temporary in again (peak memory is then not reported on CPU; --no-keep-freed-memory: the "
+                "allocator's defaults, with peaks)"})
 
     @property
     def cache_kind(self) -> str:
@@ -473,7 +477,7 @@ def run_bench(variants: list[Variant], scenario: Scenario, config: BenchConfig |
     full_warmup = device.type == "cuda" or config.compile  # a compiled graph is built for the measured shapes
     warm_ids = ids if full_warmup else ids[:, : min(scenario.context, 64)]
     warm_new = scenario.new_tokens if device.type == "cuda" else min(scenario.new_tokens, 4)
-    with attention_restored(models):  # compiled variants switch to gqa_sdpa; the caller's models get theirs back
+    with fast_path_restored(models):  # compiled variants take the fast path; the caller's models get theirs back
         paths = [_Path.of(m, v, config, scenario) for v, m in zip(variants, models)]
 
         n = len(models)
@@ -537,7 +541,7 @@ class _Path:
     def of(cls, model: nn.Module, variant: Variant, config: BenchConfig, scenario: Scenario) -> _Path:
         compiled = config.compile and not variant.eager
         if compiled:
-            use_gqa_sdpa(model)  # every compiled variant, the base included: no K/V copy per query head
+            use_fast_path(model)  # every compiled variant, the base included: no K/V copy per query head
         forward = torch.compile(model.forward, fullgraph=True, dynamic=False) if compiled else model
         prefill = forward if config.compile_prefill else model
         kind = "dynamic" if variant.eager else config.cache_kind

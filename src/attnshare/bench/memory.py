@@ -8,6 +8,8 @@ from typing import Self
 
 import torch
 
+from ..allocator import tuned
+
 log = logging.getLogger(__name__)
 
 
@@ -25,7 +27,9 @@ class PeakMemory:
     """Peak memory of a block above what was in use when it started (activations, cache, temporaries).
 
     CUDA: the allocator's peak. CPU: the process's peak resident set (Linux ``VmHWM``, reset through
-    ``/proc/self/clear_refs``); where that reset is impossible the value is None rather than a wrong number.
+    ``/proc/self/clear_refs``); where that reset is impossible, or the process keeps freed memory
+    (:func:`attnshare.allocator.keep_freed_memory`: temporaries reuse pages it already holds), the value is None
+    rather than a wrong number.
     """
 
     def __init__(self, device: torch.device | str) -> None:
@@ -39,7 +43,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device)
         else:
-            self.resettable = _reset_peak_rss()
+            self.resettable = not tuned() and _reset_peak_rss()
             self.start = (_status_kib("VmRSS") or 0) * 1024
         return self
 

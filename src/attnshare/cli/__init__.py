@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a flag argparse refused (2, message already printed)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "keep_freed_memory", True):
+        from ..allocator import keep_freed_memory
+
+        keep_freed_memory()  # large temporaries reuse freed memory instead of page-faulting in afresh
     try:
         return int(args.run(args) or 0)
     except AttnshareError as e:

@@ -22,9 +22,9 @@ def run(args) -> int:
     import torch
     from transformers import TextStreamer
 
-    from ..attention.dispatch import use_gqa_sdpa
     from ..errors import AttnshareError
     from ..hf_compat import compiled_generation
+    from ..sharing.apply import use_fast_path
     from .common import load_from_args
 
     if args.max_new_tokens < 1:
@@ -47,7 +47,7 @@ def run(args) -> int:
     fast = {}
     if args.compile:
         fast = compiled_generation()
-        use_gqa_sdpa(model)  # HF's SDPA would copy the static cache's K/V per query head at every compiled step
+        use_fast_path(model)  # HF's SDPA would copy the static cache's K/V per query head at every compiled step
     with torch.no_grad():
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
                        streamer=streamer, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling,

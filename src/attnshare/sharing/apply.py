@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from torch import nn
 
 from ..arch import geometry
-from ..attention.dispatch import uninstall
-from ..hf_compat import warn_if_untested
+from ..attention.dispatch import uninstall, use_gqa_sdpa
+from ..hf_compat import attn_implementation, warn_if_untested
 from ..models.loading import model_identity
 from ..plan import Plan
 from .registry import get_method
@@ -59,3 +61,28 @@ def unapply(model: nn.Module) -> nn.Module:
 def applied_plans(model: nn.Module) -> list[Plan]:
     state = state_of(model)
     return [a.plan for a in state.applied] if state else []
+
+
+def use_fast_path(model: nn.Module) -> None:
+    """Switch ``model`` (shared or not) to the attention of the compiled fast path (bench and generate
+    ``--compile``): SDPA that maps query heads onto KV heads inside the kernel (HF's copies a static cache's K/V per
+    query head at every compiled decode step), and, on a shared model, kernels compiled once per process for eager
+    prefill blocks (LiSA's head FFN; the first long prefill waits for that compile)."""
+    use_gqa_sdpa(model)
+    state = state_of(model)
+    if state is not None:
+        state.context.fused_kernels = True
+
+
+@contextmanager
+def fast_path_restored(models: list[nn.Module]) -> Iterator[None]:
+    """Whatever :func:`use_fast_path` does to the models inside, each runs as before afterwards."""
+    before = [(attn_implementation(m), state_of(m) and state_of(m).context.fused_kernels) for m in models]
+    try:
+        yield
+    finally:
+        for model, (name, fused) in zip(models, before):
+            if attn_implementation(model) != name:
+                model.set_attn_implementation(name)
+            if state_of(model) is not None:
+                state_of(model).context.fused_kernels = bool(fused)

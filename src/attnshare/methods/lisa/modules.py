@@ -34,6 +34,7 @@ from ...attention.functional import (
     softmax_probs,
 )
 from ...hf_compat import module_cache, slot_start, update_kv
+from .kernels import head_ffn
 
 PROB_FLOOR = 1e-30  # probabilities are combined in log space; this floors log(0) of masked entries
 BLOCK_ROWS = 128  # query rows per block of a gradient-free prefill (chosen by measurement, see docs/RESULTS.md)
@@ -184,8 +185,15 @@ class HeadAligner(nn.Module):
             self.up_bias = nn.Parameter(torch.zeros(m))  # (m,)
             self.down = nn.Parameter(torch.zeros(h, m))  # (H,m)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """z (B,H,T,S) float32 -> (B,H,T,S)."""
+    def forward(self, z: torch.Tensor, fill: bool = False, fused: bool = False) -> torch.Tensor:
+        """z (B,H,T,S) float32 -> (B,H,T,S); with ``fill`` masked (-inf) entries of z read as 0. ``fused`` (an eager
+        gradient-free prefill block on the fast path): the fused kernel of kernels.py where available."""
+        if fused:
+            mlp = (self.up, self.up_bias, self.down) if self.width else (None, None, None)
+            out = head_ffn(z, self.skip, *mlp, fill)
+            if out is not None:
+                return out
+        z = fill_masked(z) if fill else z
         out = mix_heads(z, self.skip)
         if self.width:
             hidden = F.gelu(mix_heads(z, self.up, bias=self.up_bias))  # (B,m,T,S)
@@ -281,12 +289,13 @@ class LiSAAttention(nn.Module):
             rows = slice(start, min(t, start + step))
             keys = s - t + rows.stop
             z, finite = donor_block(donor, self.source, rows, keys)  # (B,H,rows,keys)
-            aligned = self.aligned_sum(z, finite, q[..., rows, :], k[..., :keys, :])  # (B,H,rows,keys), unmasked
+            aligned = self.aligned_sum(z, finite, q[..., rows, :], k[..., :keys, :],
+                                       fused=self.context.fused_kernels)  # (B,H,rows,keys), unmasked
             if mask is None:  # plain causal: publish the unmasked sum, readers mask their own
                 scores = mask_causal_tail_(aligned.clone() if publish else aligned)
             else:  # sliding window or padding: readers must see this layer's mask
                 scores = aligned = apply_mask(aligned, slice_mask(mask, rows, keys))
-            probs = softmax_probs(scores, v.dtype)
+            probs = softmax_probs(scores, v.dtype, every_row_sees_a_key=mask is None)  # causal: key 0 at least
             out[:, rows] = apply_probs(probs, v[..., :keys, :])
             if publish:
                 blocks.append(AttentionBlock(rows, keys, scores=aligned, probs=probs, finite=mask is None))
@@ -314,9 +323,11 @@ class LiSAAttention(nn.Module):
         z, finite = donor_block(donor, self.source, slice(None), donor_keys(donor))  # (B,H,T,S')
         return apply_mask(self.aligned_sum(align_keys(z, k.shape[-2], shift), finite, q, k), mask)
 
-    def aligned_sum(self, z: torch.Tensor, finite: bool, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """Unmasked g_l(Z) + q_lr k_lr^T / sqrt(r): z (B,H,T,S), q (B,H,T,r), k (B,Hkv,S,r) -> (B,H,T,S) float32."""
-        aligned = self.lisa_align(z if finite else fill_masked(z))  # (B,H,T,S)
+    def aligned_sum(self, z: torch.Tensor, finite: bool, q: torch.Tensor, k: torch.Tensor,
+                    fused: bool = False) -> torch.Tensor:
+        """Unmasked g_l(Z) + q_lr k_lr^T / sqrt(r): z (B,H,T,S), q (B,H,T,r), k (B,Hkv,S,r) -> (B,H,T,S) float32;
+        ``fused``: a prefill block, whose head FFN may run as one kernel."""
+        aligned = self.lisa_align(z, fill=not finite, fused=fused)  # (B,H,T,S)
         if self.source == "probs":
             aligned = aligned.clamp_min(PROB_FLOOR).log()
         return add_low_rank_(aligned.contiguous(), q, k)
