@@ -77,12 +77,13 @@ def use_fast_path(model: nn.Module) -> None:
 @contextmanager
 def fast_path_restored(models: list[nn.Module]) -> Iterator[None]:
     """Whatever :func:`use_fast_path` does to the models inside, each runs as before afterwards."""
-    before = [(attn_implementation(m), state_of(m) and state_of(m).context.fused_kernels) for m in models]
+    states = [state_of(m) for m in models]
+    before = [(attn_implementation(m), s is not None and s.context.fused_kernels) for m, s in zip(models, states)]
     try:
         yield
     finally:
-        for model, (name, fused) in zip(models, before):
+        for model, state, (name, fused) in zip(models, states, before):
             if attn_implementation(model) != name:
                 model.set_attn_implementation(name)
-            if state_of(model) is not None:
-                state_of(model).context.fused_kernels = bool(fused)
+            if state is not None:
+                state.context.fused_kernels = fused

@@ -46,7 +46,8 @@ class DirectShareConfig:
         default="donor",
         metadata={"help": "q/k norms (per-head RMSNorms: Qwen3, Gemma-3) of a layer whose every query (key) unit "
                           "reuses units of one earlier layer: donor (that layer's norm travels with its weights, "
-                          "stored once; on Gemma-3-270M two layers' worth gave ppl x1.34 instead of x1.50) or own (the layer keeps its norm)",
+                          "stored once; on Gemma-3-270M two layers' worth gave ppl x1.34 instead of x1.50) or own "
+                          "(the layer keeps its norm)",
                   "choices": list(NORM_RULES)},
     )
     share_o: bool = field(default=False, metadata={"help": "also share the unit's o_proj columns (the reference code does)"})

@@ -42,6 +42,7 @@ from .plan import (
     Pair,
     Part,
     lenders,
+    norms_can_travel,
     part_kinds,
     part_parameters,
     replaced_budget,
@@ -155,7 +156,7 @@ def lent_norms(model: nn.Module, assign: dict[Unit, Unit], kinds: tuple[str, ...
     """(borrower's, lender's) q/k norm weights that a plan with ``norms="donor"`` moves (what
     :meth:`DirectSharePlan.norm_lenders` gives, for the norms of ``kinds``): per-head norms of layers whose every
     unit in ``assign`` reuses units of one layer."""
-    if spec.qk_norm_scope != "head":
+    if not norms_can_travel(spec):
         return []
     names = [NORM_OF[k] for k in kinds if k in NORM_OF]
     return [(getattr(attention(model, layer), name).weight, getattr(attention(model, lender), name).weight)

@@ -18,7 +18,17 @@ from ..surgery import detach, reattach
 from .config import DirectShareConfig
 from .loss_planner import loss_pairs
 from .modules import ROW_KINDS, GatheredLinear, SharedNorm, UnitBank, compact
-from .plan import GRANULARITIES, GROUP, DirectSharePlan, Pair, Part, grains, part_parameters, select_pairs
+from .plan import (
+    GRANULARITIES,
+    GROUP,
+    DirectSharePlan,
+    Pair,
+    Part,
+    grains,
+    norms_can_travel,
+    part_parameters,
+    select_pairs,
+)
 from .planner import best_matches
 
 BANK = "attnshare_unit_bank"  # attribute of the causal LM holding the UnitBank
@@ -148,9 +158,8 @@ class DirectShare(SharingMethod):
 
 
 def travelling_norms(model: nn.Module, plan: DirectSharePlan) -> dict[tuple[str, int], int]:
-    """(norm name, layer) -> lender layer of the q/k norms the plan moves (``norms="donor"``): per-head norms only;
-    a norm over the whole projection (OLMo-2) is tied to its layer's head order and stays."""
-    if arch_of(model).qk_norm_scope != "head":
+    """(norm name, layer) -> lender layer of the q/k norms the plan moves (``norms="donor"``, norms that can travel)."""
+    if not norms_can_travel(arch_of(model)):
         return {}
     return plan.norm_lenders(geometry(model))
 

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from ...analysis.weights import check_match
-from ...arch import NORM_NAMES, Geometry, arch_of, attention, geometry
+from ...arch import NORM_NAMES, ArchSpec, Geometry, arch_of, attention, geometry
 from ...errors import AttnshareError
 from ...plan import Plan, check_layer
 from .planner import WeightMatches
@@ -145,6 +145,12 @@ class DirectSharePlan(Plan):
         norms = f"; {borrowed} q/k norms run their donor layer's" if borrowed else ""
         return (f"{self.method}: {share} across {len(self.layers)} layers{reached_text(self.reached, self.ratio)}"
                 f"{norms}")
+
+
+def norms_can_travel(spec: ArchSpec) -> bool:
+    """Per-head q/k norms (width d, one per layer) can follow another layer's units; a norm over the whole projection
+    (OLMo-2) is tied to its layer's head order and stays."""
+    return spec.qk_norm_scope == "head"
 
 
 def check_norms(norms: str) -> None:
