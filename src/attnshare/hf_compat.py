@@ -128,7 +128,7 @@ def new_cache(model) -> DynamicCache:
 def new_static_cache(model, max_len: int) -> StaticCache:
     """An empty static cache for ``model`` holding up to ``max_len`` tokens (sliding slots hold their window).
 
-    Its slots allocate K and V from the shapes of their first update (5.17-5.24), so a shared layer's slot holds
+    Its slots allocate K and V from the shapes of their first update (5.17-5.25), so a shared layer's slot holds
     what the layer writes: a zero-width K (SA receivers, removed layers) or LiSA's low-rank k, as a dynamic slot
     would; ``generate(cache_implementation="static")`` builds the same cache."""
     return StaticCache(config=model.config, max_cache_len=max_len)
@@ -136,7 +136,7 @@ def new_static_cache(model, max_len: int) -> StaticCache:
 
 def compiled_generation() -> dict:
     """``generate`` keywords for the fast path: a static cache and each decode step compiled as one graph
-    (``fullgraph``, static shapes; the prefill stays eager, as HF does). HF compiles by itself on CUDA only; 5.17-5.24
+    (``fullgraph``, static shapes; the prefill stays eager, as HF does). HF compiles by itself on CUDA only; 5.17-5.25
     enable every other device through ``CompileConfig``'s ``_compile_all_devices``."""
     from transformers import CompileConfig
 
@@ -200,7 +200,7 @@ def update_length_only(cache, layer_idx: int, hidden: torch.Tensor, num_kv_heads
 
 
 def decoder_layer_output(hidden: torch.Tensor):
-    """What a decoder layer's forward returns, given its output hidden states (B,T,D): in 5.17–5.24 the tensor
+    """What a decoder layer's forward returns, given its output hidden states (B,T,D): in 5.17–5.25 the tensor
     itself (4.x returned a tuple)."""
     return hidden
 
@@ -273,12 +273,12 @@ def register_attention(name: str, function: Callable, mask_like: str) -> None:
 
 def lacks_attention_implementation(err: Exception) -> bool:
     """Whether ``from_pretrained`` refused the requested attention implementation for this model class (transformers
-    5.24 refuses SDPA for Gemma-2 with a ValueError; 5.17 accepts it)."""
+    5.24 and 5.25 refuse SDPA for Gemma-2 with a ValueError; 5.17 accepts it)."""
     return isinstance(err, ValueError) and "does not support an attention implementation" in str(err)
 
 
 def attn_implementation(model) -> str:
-    """The model's attention implementation name (the config has no public getter in 5.17–5.24)."""
+    """The model's attention implementation name (the config has no public getter in 5.17–5.25)."""
     return model.config._attn_implementation or "eager"
 
 

@@ -110,7 +110,8 @@ def plot_analysis(analysis: Analysis, out: Path) -> list[Path]:
                label="unaligned (same head index)")
         ax.bar([x + width / 2 for x in layers], [r["kl_aligned"] for r in analysis.sensitivity], width,
                label="aligned (Hungarian)")
-        ax.set_yscale("log")
+        if any(r["kl_unaligned"] > 0 or r["kl_aligned"] > 0 for r in analysis.sensitivity):
+            ax.set_yscale("log")  # KLs span decades; a model whose every KL is 0 (tiny random ones) keeps a linear axis
         ax.set_xlabel("layer reusing its predecessor's attention")
         ax.set_ylabel("KL(base || shared), nats/token")
         ax.legend(fontsize=8)

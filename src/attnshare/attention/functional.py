@@ -139,7 +139,7 @@ def gqa_sdpa_attention(module, q, k, v, mask, scaling: float | None = None, drop
     """HF-compatible SDPA attention that maps each query head onto its KV head inside SDPA (``enable_gqa``), with a
     mask too: (out (B,Tq,H,d), None).
 
-    HF's SDPA function (5.17-5.24) copies K and V G times over (``repeat_kv``) whenever it gets a mask under
+    HF's SDPA function (5.17-5.25) copies K and V G times over (``repeat_kv``) whenever it gets a mask under
     ``torch.compile``, i.e. at every step of a compiled static-cache decode: G x the cache written per step. Soft-capped
     logits (Gemma-2) and training dropout go through the eager function."""
     scaling = module.scaling if scaling is None else scaling

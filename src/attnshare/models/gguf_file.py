@@ -41,7 +41,7 @@ GGUF_SUFFIX = ".gguf"
 DEFAULT_ALIGNMENT = 32
 
 # GGUF architecture name -> the HF model_type it converts to: decoder architectures transformers' GGUF loader
-# converts (5.17 to 5.24). Those whose model_type attnshare records (arch.arch_of on its config) are accepted, see
+# converts (5.17 to 5.25). Those whose model_type attnshare records (arch.arch_of on its config) are accepted, see
 # supported_architectures(). Mistral files usually say "llama"; transformers tells them apart by general.name.
 GGUF_ARCHITECTURES: dict[str, str] = {
     "llama": "llama",
