@@ -172,6 +172,45 @@ def test_fast_path_prefill_blocks_run_the_fused_kernel_and_equal_whole_maps(arch
     torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=3e-5)
 
 
+def test_block_rows_shrink_with_batch_and_keys_so_block_temporaries_stay_bounded(monkeypatch):
+    """Query rows per block keep B x H x rows x keys within BLOCK_ENTRIES (the real model: 128 rows at batch 1 and
+    2,048 keys, 32 at batch 4, never below MIN_BLOCK_ROWS), and the smaller blocks of a larger batch give the
+    whole-map logits."""
+    from attnshare.methods.lisa import modules
+
+    model = attnshare.apply(tiny_model("llama", num_layers=6), lisa_plan((1, 2, 3, 5)))
+    perturb(model)
+    layer = next(m for m in model.modules() if isinstance(m, modules.LiSAAttention))
+    heads = layer.num_heads
+    layer.block_rows = 128
+    monkeypatch.setattr(modules, "BLOCK_ENTRIES", 128 * heads * 2048)
+    assert [layer.rows_per_block(b, 2048) for b in (1, 2, 4, 64)] == [128, 64, 32, modules.MIN_BLOCK_ROWS]
+    assert layer.rows_per_block(1, 512) == 128 and layer.rows_per_block(4, 512) == 128
+    layer.block_rows = 0
+    assert layer.rows_per_block(4, 2048) == 0  # whole maps stay whole maps
+    monkeypatch.setattr(modules, "BLOCK_ENTRIES", 4 * heads * 20)  # batch 1: 4 rows of 20 keys; batch 3: at least 1
+    monkeypatch.setattr(modules, "MIN_BLOCK_ROWS", 1)
+    ids = random_ids(3, 20, seed=5)
+    sizes = []
+    monkeypatch.setattr(modules.LiSAAttention, "blocked_attention", record_steps(sizes))
+    blocked, whole = blocked_and_whole(model, 8, lambda m: m(ids, use_cache=False).logits)
+    assert sizes and set(sizes) == {1}  # 4 * H * 20 entries // (3 * H * 20) = 1 row per block at batch 3
+    torch.testing.assert_close(blocked, whole, rtol=1e-5, atol=3e-5)
+
+
+def record_steps(sizes: list):
+    """A ``blocked_attention`` that records each call's rows per block, then runs the real one."""
+    from attnshare.methods.lisa.modules import LiSAAttention
+
+    real = LiSAAttention.blocked_attention
+
+    def blocked_attention(self, donor, q, k, v, mask):
+        sizes.append(self.rows_per_block(q.shape[0], k.shape[-2]))
+        return real(self, donor, q, k, v, mask)
+
+    return blocked_attention
+
+
 def test_blockwise_prefill_after_a_cached_prefix_and_with_padding():
     """A second prompt chunk over a cached prefix (keys > queries) and a left-padded batch (a tensor mask)."""
     from transformers import DynamicCache

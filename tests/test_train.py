@@ -483,3 +483,29 @@ def test_minutes_report_refuses_folders_without_a_budget_in_one_sentence(tmp_pat
     assert read_training(tmp_path, 5.0)["budget minutes"] == 5.0
     with pytest.raises(SystemExit, match=r"^error: --budgets lists 2 values for 1 artifacts\.$"):
         main([str(tmp_path), "--budgets", "1", "2"])
+
+
+def test_minutes_report_keeps_earlier_rows_and_refuses_other_protocols(tmp_path, capsys):
+    """``--rows`` carries the rows of an earlier ``--json`` into the table, the JSON and the PNG as they were
+    measured; rows of another text or length, or a file the report did not write, get one sentence."""
+    pytest.importorskip("matplotlib")
+    from attnshare.report.minutes import main
+
+    rows = [{"artifact": f"out/m{b}", "plan": "lisa", "budget minutes": b, "local steps": 5, "local minutes": None,
+             "local tokens": None, "e2e steps": 2 * b, "e2e minutes": None, "e2e tokens": 1024 * b, "ppl": p,
+             "ratio": p / 20.0} for b, p in ((1, 30.0), (5, 25.0))]
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"base ppl": 20.0, "text": "britannica", "max tokens": 4096, "rows": rows}))
+    out, png = tmp_path / "again.json", tmp_path / "curve.png"
+    assert main(["--rows", str(earlier), "--json", str(out), "--png", str(png)]) == 0
+    assert json.loads(out.read_text())["rows"] == rows and png.stat().st_size > 0
+    table = capsys.readouterr().out
+    assert "base ppl 20.000" in table and "| 5 | 5 | 10 | 5,120 | 25.00 | 1.250 |" in table
+    with pytest.raises(SystemExit, match=r"^error: --rows .* was measured on britannica \(first 4096 tokens\), not "
+                                         r"pyref \(first 4096\); pass the same --text and --max-tokens\.$"):
+        main(["--rows", str(earlier), "--text", "pyref"])
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(SystemExit, match=r"^error: --rows .* is not a file this report wrote with --json"):
+        main(["--rows", str(tmp_path / "bad.json")])
+    with pytest.raises(SystemExit, match=r"^error: nothing to report: pass artifact folders, --rows, or both\.$"):
+        main([])

@@ -78,7 +78,7 @@ def curve_plot(series: dict[str, Sequence[tuple[float, float]]], path: str | Pat
         xs, ys = zip(*sorted(points), strict=True)
         ax.plot(xs, ys, marker="o", label=label, zorder=3)
         for x, y in zip(xs, ys, strict=True):
-            ax.annotate(f"{y:.3g}", (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+            ax.annotate(f"{y:.3f}", (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
     if reference is not None:
         ax.axhline(reference, color="black", linewidth=0.6)
     if logx:

@@ -38,6 +38,11 @@ from .kernels import head_ffn
 
 PROB_FLOOR = 1e-30  # probabilities are combined in log space; this floors log(0) of masked entries
 BLOCK_ROWS = 128  # query rows per block of a gradient-free prefill (chosen by measurement, see docs/RESULTS.md)
+# Score entries (B*H*rows*keys) per block at most: SmolLM2's 128 rows of 9 heads over 2,048 keys at batch 1. Larger
+# batches or longer prompts take fewer rows, so a block's float32 temporaries (its head FFN's 2H channels: 19 MB)
+# stay below glibc's largest reusable free block (32 MB, see attnshare.allocator) instead of being mapped afresh.
+BLOCK_ENTRIES = 128 * 9 * 2048
+MIN_BLOCK_ROWS = 16
 # Under torch.compile the block loop is unrolled and every block's code generated: at least this many rows per block
 # (a 2,048-token prefill of 16 LiSA layers compiled for 560 s with 128-row blocks on the 2-core box)
 COMPILED_BLOCK_ROWS = 512
@@ -251,7 +256,7 @@ class LiSAAttention(nn.Module):
             k, v = reachable_keys(attention_mask, t, k, v)  # a static cache's first prefill: its real keys only
         donor = self.context.consume(self.donor, self.layer_idx)
         shift = 0 if cache is None else self.key_shift(cache, donor_keys(donor), k.shape[-2])
-        if self.blockwise(donor, t, k.shape[-2], shift):
+        if self.blockwise(donor, b, t, k.shape[-2], shift):
             out = self.blocked_attention(donor, q, k, v, attention_mask)  # (B,T,H,d)
             return getattr(self, self.o_name)(out.reshape(b, t, -1)), None
         scores = self.scores(donor, q, k, attention_mask, shift)  # (B,H,T,S)
@@ -261,17 +266,23 @@ class LiSAAttention(nn.Module):
         out = apply_probs(probs, v)  # (B,T,H,d)
         return getattr(self, self.o_name)(out.reshape(b, t, -1)), probs
 
-    def blockwise(self, donor: DonorState, rows: int, keys: int, shift: int = 0) -> bool:
+    def blockwise(self, donor: DonorState, batch: int, rows: int, keys: int, shift: int = 0) -> bool:
         """Run in query blocks: no gradients (autograd and attention-map capture need the whole map), a prefill
         longer than one block, and a donor covering exactly this layer's keys (same count, ``shift`` 0)."""
-        return (not torch.is_grad_enabled() and 0 < self.rows_per_block() < rows
+        return (not torch.is_grad_enabled() and 0 < self.rows_per_block(batch, keys) < rows
                 and donor_keys(donor) == keys and shift == 0)
 
-    def rows_per_block(self) -> int:
-        """Query rows per block: ``block_rows`` (0: whole maps), at least COMPILED_BLOCK_ROWS while compiling."""
-        if self.block_rows and torch.compiler.is_compiling():
+    def rows_per_block(self, batch: int, keys: int) -> int:
+        """Query rows per block: ``block_rows`` (0: whole maps), fewer where ``batch`` x heads x ``keys`` would
+        exceed BLOCK_ENTRIES (at least MIN_BLOCK_ROWS), and at least COMPILED_BLOCK_ROWS while compiling (the
+        compiled graph plans its own buffers). Every LiSA layer of a prefill gets the same count, so a reader's
+        blocks line up with its donor's."""
+        if not self.block_rows:
+            return 0
+        if torch.compiler.is_compiling():
             return max(self.block_rows, COMPILED_BLOCK_ROWS)
-        return self.block_rows
+        fits = BLOCK_ENTRIES // max(batch * self.num_heads * keys, 1)
+        return min(self.block_rows, max(fits, MIN_BLOCK_ROWS))
 
     def blocked_attention(self, donor: DonorState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           mask: torch.Tensor | None) -> torch.Tensor:
@@ -284,7 +295,7 @@ class LiSAAttention(nn.Module):
         out = v.new_empty(b, t, h, v.shape[-1])  # (B,T,H,d)
         publish = self.context.publishes(self.layer_idx)
         blocks = []
-        step = self.rows_per_block()
+        step = self.rows_per_block(b, s)
         for start in range(0, t, step):
             rows = slice(start, min(t, start + step))
             keys = s - t + rows.stop
