@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from ...analysis.collect import calibration_blocks
 from ...arch import NORM_NAMES, ArchSpec, Geometry, arch_of, attention, geometry
 from ...attention.functional import repeat_kv
-from .modules import fill_masked, mix_heads, permutation_matrix
+from .kernels import fill_masked
+from .modules import mix_heads, permutation_matrix
 from .plan import LayerFit
 from .training import recording
 

@@ -28,14 +28,21 @@ log = logging.getLogger(__name__)
 _STATE = {"enabled": True}  # False after compiling failed once in this process
 
 
+def fill_masked(z: torch.Tensor) -> torch.Tensor:
+    """Masked (-inf) donor entries -> 0, so the head FFN sees finite values; the layer's own mask is re-applied.
+
+    Returns a new contiguous tensor even for a strided view (one pass)."""
+    return torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def unrolled_head_ffn(z: torch.Tensor, skip: torch.Tensor, up: torch.Tensor | None, up_bias: torch.Tensor | None,
                       down: torch.Tensor | None, fill: bool) -> torch.Tensor:
     """g_l(z) as per-channel sums: z (B,H,T,S) float32, skip (H,H), up (m,H), up_bias (m,), down (H,m) (no MLP when
-    ``up`` is None) -> (B,H,T,S). ``fill``: masked (-inf) entries of z read as 0, as :func:`fill_masked` does."""
+    ``up`` is None) -> (B,H,T,S). ``fill``: masked (-inf) entries of z read as 0 (:func:`fill_masked`)."""
     heads = z.shape[1]
     zs = [z[:, j] for j in range(heads)]  # H x (B,T,S)
     if fill:
-        zs = [torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0) for x in zs]
+        zs = [fill_masked(x) for x in zs]
     hidden = [] if up is None else [
         F.gelu(sum(up[i, j] * zs[j] for j in range(heads)) + up_bias[i]) for i in range(up.shape[0])]  # m x (B,T,S)
     out = [sum(skip[h, j] * zs[j] for j in range(heads)) + sum(down[h, i] * x for i, x in enumerate(hidden))

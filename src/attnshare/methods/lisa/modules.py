@@ -34,7 +34,7 @@ from ...attention.functional import (
     softmax_probs,
 )
 from ...hf_compat import module_cache, slot_start, update_kv
-from .kernels import head_ffn
+from .kernels import fill_masked, head_ffn
 
 PROB_FLOOR = 1e-30  # probabilities are combined in log space; this floors log(0) of masked entries
 BLOCK_ROWS = 128  # query rows per block of a gradient-free prefill (chosen by measurement, see docs/RESULTS.md)
@@ -46,13 +46,6 @@ MIN_BLOCK_ROWS = 16
 # Under torch.compile the block loop is unrolled and every block's code generated: at least this many rows per block
 # (a 2,048-token prefill of 16 LiSA layers compiled for 560 s with 128-row blocks on the 2-core box)
 COMPILED_BLOCK_ROWS = 512
-
-
-def fill_masked(z: torch.Tensor) -> torch.Tensor:
-    """Masked (-inf) donor entries -> 0, so the head FFN sees finite values; the layer's own mask is re-applied.
-
-    Returns a new contiguous tensor even for a strided view (one pass)."""
-    return torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def slice_mask(mask: torch.Tensor | None, rows: slice, keys: int) -> torch.Tensor | None:
