@@ -509,3 +509,29 @@ def test_minutes_report_keeps_earlier_rows_and_refuses_other_protocols(tmp_path,
         main(["--rows", str(tmp_path / "bad.json")])
     with pytest.raises(SystemExit, match=r"^error: nothing to report: pass artifact folders, --rows, or both\.$"):
         main([])
+
+
+def test_minutes_report_joins_new_rows_only_under_the_same_base(tmp_path, monkeypatch, capsys):
+    """An artifact's row joins ``--rows`` when the base ppl measured now matches the file's (within 0.1%); a base
+    that moved (another model, corpus or version) gets one sentence and nothing is written."""
+    from attnshare.report import minutes
+
+    earlier = tmp_path / "earlier.json"
+    old = {"artifact": "out/m1", "plan": "lisa", "budget minutes": 1.0, "local steps": 5, "local minutes": None,
+           "local tokens": None, "e2e steps": 2, "e2e minutes": None, "e2e tokens": 2048, "ppl": 30.0, "ratio": 1.5}
+    earlier.write_text(json.dumps({"base ppl": 20.0, "text": "britannica", "max tokens": 4096, "rows": [old]}))
+    folder = tmp_path / "m60"
+    folder.mkdir()
+    (folder / "train.json").write_text(json.dumps({"budget minutes": 60.0}))
+    new = dict(old, artifact=str(folder), **{"budget minutes": 60.0, "ppl": 24.0, "ratio": 24.0 / 20.01})
+    out = tmp_path / "rows.json"
+    monkeypatch.setattr(minutes, "measure_rows", lambda records, protocol: (20.01, [new]))
+    assert minutes.main([str(folder), "--rows", str(earlier), "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["rows"] == [old, new]
+    assert "| 60 | 5 | 2 | 2,048 | 24.00 | 1.199 |" in capsys.readouterr().out
+    out.unlink()
+    monkeypatch.setattr(minutes, "measure_rows", lambda records, protocol: (25.0, [new]))
+    with pytest.raises(SystemExit, match=r"^error: the base ppl is 25\.000 here but 20\.000 in --rows .*: the rows "
+                                         r"would not be comparable \(another model, corpus or version\?\)\.$"):
+        minutes.main([str(folder), "--rows", str(earlier), "--json", str(out)])
+    assert not out.exists()
