@@ -646,15 +646,26 @@ def test_gqa_sdpa_fast_path_equals_hf_sdpa(entry, bases):
 
 def test_inductor_compiled_decode_equals_eager(bases):
     """The CPU inductor backend generates code for a shared decode step (SA receivers reading a donor's
-    probabilities, LiSA layers reading low-rank k from the same static cache) that matches eager."""
+    probabilities, LiSA layers reading low-rank k from the same static cache) that matches eager, with the fast
+    path's compile settings (weights frozen into the graph, GEMMs autotuned against inductor's C++ kernels), which
+    are in force only while the fast path compiles."""
+    from torch._inductor import config as inductor_config
     from transformers import StaticCache
+
+    from attnshare.sharing.apply import CPU_COMPILE_SETTINGS, compile_fast_path, fast_path_compiling
 
     model = bases("llama").fresh()
     attnshare.apply(model, [SAPlan(donors={3: 2}), LiSAPlan(layers=[1, 2], head_map={1: LISA_MAPS[1], 2: LISA_MAPS[2]},
                                                              rank=4, ffn_width=2)])
     perturb_lisa(model)
     torch._dynamo.reset()
-    compiled = torch.compile(model.forward, fullgraph=True)
+    defaults = {name: getattr(inductor_config, name) for name in CPU_COMPILE_SETTINGS}
+    with fast_path_compiling(torch.device("cpu")):
+        assert {name: getattr(inductor_config, name) for name in CPU_COMPILE_SETTINGS} == CPU_COMPILE_SETTINGS
+    with fast_path_compiling(torch.device("cpu"), tuned=False):  # bench/generate --no-autotune
+        assert {name: getattr(inductor_config, name) for name in CPU_COMPILE_SETTINGS} == defaults
+    assert {name: getattr(inductor_config, name) for name in CPU_COMPILE_SETTINGS} == defaults != CPU_COMPILE_SETTINGS
+    compiled = compile_fast_path(model.forward, torch.device("cpu"))
     ids = random_ids(2, 12, seed=6)
     caches = [StaticCache(config=model.config, max_cache_len=16) for _ in range(2)]
     with torch.no_grad():

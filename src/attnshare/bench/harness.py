@@ -38,7 +38,7 @@ from ..api import apply, load, read_artifact
 from ..errors import AttnshareError
 from ..hf_compat import extend_cache, new_cache, new_static_cache, reset_cache, tile_cache, with_cache
 from ..memory import cache_bytes, parameter_bytes
-from ..sharing.apply import fast_path_restored, use_fast_path
+from ..sharing.apply import compile_fast_path, fast_path_restored, use_fast_path
 from . import bytemodel
 from .bytemodel import ModelCosts
 from .memory import PeakMemory
@@ -155,6 +155,10 @@ class BenchConfig:
     compile_prefill: bool = field(default=True, metadata={
         "help": "with --compile, compile the prefill too (one more graph per variant; --no-compile-prefill keeps it "
                 "eager, as HF's generate does)"})
+    autotune: bool = field(default=True, metadata={
+        "help": "with --compile on CPU, freeze the weights into the graph and autotune every GEMM against inductor's "
+                "C++ kernels (faster steps; a first compile of minutes and a packed copy of the weights; "
+                "--no-autotune: inductor's defaults)"})
     keep_freed_memory: bool = field(default=True, metadata={
         "help": "the CLI's allocator setting: glibc keeps freed chunks for reuse instead of page-faulting every "
                 "large temporary in again (peak memory is then not reported on CPU; --no-keep-freed-memory: the "
@@ -542,7 +546,8 @@ class _Path:
         compiled = config.compile and not variant.eager
         if compiled:
             use_fast_path(model)  # every compiled variant, the base included: no K/V copy per query head
-        forward = torch.compile(model.forward, fullgraph=True, dynamic=False) if compiled else model
+        device = next(model.parameters()).device
+        forward = compile_fast_path(model.forward, device, tuned=config.autotune) if compiled else model
         prefill = forward if config.compile_prefill else model
         kind = "dynamic" if variant.eager else config.cache_kind
         return cls(forward, prefill, kind, scenario.context + scenario.new_tokens, model, compiled)

@@ -15,16 +15,21 @@ def add_parser(sub, name: str) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--compile", action="store_true",
                    help="static cache and a torch.compile'd decode step (one graph; the first step compiles)")
+    p.add_argument("--no-autotune", dest="autotune", action="store_false",
+                   help="with --compile on CPU, keep inductor's defaults instead of freezing the weights and "
+                        "autotuning every GEMM (a shorter first compile, slower steps)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
+    import contextlib
+
     import torch
     from transformers import TextStreamer
 
     from ..errors import AttnshareError
     from ..hf_compat import compiled_generation
-    from ..sharing.apply import use_fast_path
+    from ..sharing.apply import fast_path_compiling, use_fast_path
     from .common import load_from_args
 
     if args.max_new_tokens < 1:
@@ -44,11 +49,11 @@ def run(args) -> int:
     if not args.chat:
         print(args.prompt, end="", flush=True)
     sampling = {"do_sample": True, "temperature": 0.8, "top_p": 0.95} if args.sample else {"do_sample": False}
-    fast = {}
+    fast, compiling = {}, contextlib.nullcontext()
     if args.compile:
-        fast = compiled_generation()
+        fast, compiling = compiled_generation(), fast_path_compiling(model.device, args.autotune)
         use_fast_path(model)  # HF's SDPA would copy the static cache's K/V per query head at every compiled step
-    with torch.no_grad():
+    with torch.no_grad(), compiling:
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
                        streamer=streamer, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling,
                        **fast)
