@@ -662,7 +662,7 @@ def test_inductor_compiled_decode_equals_eager(bases):
     defaults = {name: getattr(inductor_config, name) for name in CPU_COMPILE_SETTINGS}
     with fast_path_compiling(torch.device("cpu")):
         assert {name: getattr(inductor_config, name) for name in CPU_COMPILE_SETTINGS} == CPU_COMPILE_SETTINGS
-    with fast_path_compiling(torch.device("cpu"), tuned=False):  # bench/generate --no-autotune
+    with fast_path_compiling(torch.device("cpu"), autotune=False):  # bench/generate --no-autotune
         assert {name: getattr(inductor_config, name) for name in CPU_COMPILE_SETTINGS} == defaults
     assert {name: getattr(inductor_config, name) for name in CPU_COMPILE_SETTINGS} == defaults != CPU_COMPILE_SETTINGS
     compiled = compile_fast_path(model.forward, torch.device("cpu"))

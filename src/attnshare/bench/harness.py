@@ -547,7 +547,7 @@ class _Path:
         if compiled:
             use_fast_path(model)  # every compiled variant, the base included: no K/V copy per query head
         device = next(model.parameters()).device
-        forward = compile_fast_path(model.forward, device, tuned=config.autotune) if compiled else model
+        forward = compile_fast_path(model.forward, device, autotune=config.autotune) if compiled else model
         prefill = forward if config.compile_prefill else model
         kind = "dynamic" if variant.eager else config.cache_kind
         return cls(forward, prefill, kind, scenario.context + scenario.new_tokens, model, compiled)

@@ -101,11 +101,11 @@ def fast_path_restored(models: list[nn.Module]) -> Iterator[None]:
 
 
 @contextmanager
-def fast_path_compiling(device: torch.device, tuned: bool = True) -> Iterator[None]:
+def fast_path_compiling(device: torch.device, autotune: bool = True) -> Iterator[None]:
     """In force while the fast path's graphs compile (their first calls, or a ``generate`` that compiles its decode
-    step): :data:`CPU_COMPILE_SETTINGS` on CPU when ``tuned``, inductor's defaults otherwise. Frozen weights need
+    step): :data:`CPU_COMPILE_SETTINGS` on CPU with ``autotune``, inductor's defaults otherwise. Frozen weights need
     gradients off."""
-    if device.type != "cpu" or not tuned:
+    if device.type != "cpu" or not autotune:
         yield
         return
     from torch._inductor import config as inductor_config
@@ -115,14 +115,14 @@ def fast_path_compiling(device: torch.device, tuned: bool = True) -> Iterator[No
         yield
 
 
-def compile_fast_path(forward: Callable, device: torch.device, tuned: bool = True) -> Callable:
+def compile_fast_path(forward: Callable, device: torch.device, autotune: bool = True) -> Callable:
     """``forward`` as one graph per input shape (``fullgraph``, static shapes), compiled under
     :func:`fast_path_compiling` whenever a call compiles."""
     compiled = torch.compile(forward, fullgraph=True, dynamic=False)
 
     @functools.wraps(forward)
     def call(*args, **kwargs):
-        with fast_path_compiling(device, tuned):
+        with fast_path_compiling(device, autotune):
             return compiled(*args, **kwargs)
 
     return call
