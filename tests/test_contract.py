@@ -659,12 +659,15 @@ def test_inductor_compiled_decode_equals_eager(bases):
                                                              rank=4, ffn_width=2)])
     perturb_lisa(model)
     torch._dynamo.reset()
-    defaults = {name: getattr(inductor_config, name) for name in CPU_COMPILE_SETTINGS}
+    def settings() -> dict:
+        return {name: getattr(inductor_config, name) for name in CPU_COMPILE_SETTINGS}
+
+    defaults = settings()
     with fast_path_compiling(torch.device("cpu")):
-        assert {name: getattr(inductor_config, name) for name in CPU_COMPILE_SETTINGS} == CPU_COMPILE_SETTINGS
+        assert settings() == CPU_COMPILE_SETTINGS
     with fast_path_compiling(torch.device("cpu"), autotune=False):  # bench/generate --no-autotune
-        assert {name: getattr(inductor_config, name) for name in CPU_COMPILE_SETTINGS} == defaults
-    assert {name: getattr(inductor_config, name) for name in CPU_COMPILE_SETTINGS} == defaults != CPU_COMPILE_SETTINGS
+        assert settings() == defaults
+    assert settings() == defaults != CPU_COMPILE_SETTINGS
     compiled = compile_fast_path(model.forward, torch.device("cpu"))
     ids = random_ids(2, 12, seed=6)
     caches = [StaticCache(config=model.config, max_cache_len=16) for _ in range(2)]
