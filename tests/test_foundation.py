@@ -10,7 +10,7 @@ from conftest import ARCH_NAMES, tiny_config, tiny_model
 
 from attnshare import arch
 from attnshare.cli import main
-from attnshare.data import load_text, token_blocks
+from attnshare.data import load_text, token_blocks, tokenize_text
 from attnshare.errors import AttnshareError
 from attnshare.evaluate.perplexity import window_nll
 
@@ -42,6 +42,33 @@ def test_token_blocks_are_deterministic_and_refuse_short_text():
     assert token_blocks(ids, 4).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
     with pytest.raises(AttnshareError, match="fewer than one block"):
         token_blocks(ids, 11)
+
+
+def _word_tokenizer(words: list[str], eos: bool = False):
+    """Whitespace-split ``words``, each one token (a word cut short is unknown); with ``eos`` an end-of-text token
+    after every encoded text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "</s>": 1} | {w: i + 2 for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if eos:
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("tokenizer", ["chars", "long words", "long words + eos"])
+@pytest.mark.parametrize("max_tokens", [1, 64, 700, 5000])
+def test_first_tokens_come_from_an_encoded_prefix_equal_to_the_whole_text(tokenizer, max_tokens):
+    """``max_tokens`` encodes only a prefix of the text (grown while too short): the same ids as encoding the
+    whole text and cutting, including where the text has fewer tokens than asked."""
+    words = [f"word{'x' * (i % 23)}{i}" for i in range(3000)]  # 5-30 characters: a prefix must grow
+    tok = {"chars": _tiny_tokenizer, "long words": lambda: _word_tokenizer(words),
+           "long words + eos": lambda: _word_tokenizer(words, eos=True)}[tokenizer]()
+    text = " ".join(words)
+    whole = tokenize_text(tok, text)
+    assert torch.equal(tokenize_text(tok, text, max_tokens), whole[:max_tokens])
 
 
 def test_window_nll_matches_manual_cross_entropy():
@@ -112,6 +139,16 @@ def test_real_model_loads_from_cache_and_predicts(real_model):
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+
+
+@pytest.mark.real
+def test_real_tokenizer_first_tokens_equal_the_whole_texts(real_model):
+    _, tok = real_model
+    for name in ("britannica", "pyref"):
+        text = load_text(name)
+        whole = tokenize_text(tok, text)
+        for n in (1, 100, 2048, 16384, whole.numel() - 1, whole.numel() + 5):
+            assert torch.equal(tokenize_text(tok, text, n), whole[:n]), (name, n)
 
 
 @pytest.mark.real

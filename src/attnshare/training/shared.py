@@ -89,6 +89,8 @@ def train_shared(model, tokenizer, config: TrainConfig | None = None, teacher=No
     state = state_of(model)
     if teacher is None:
         teacher, _ = load_base(state.identity, dtype=next(model.parameters()).dtype)
+    if data is None:
+        data = load_blocks(config, tokenizer)  # (N, T): the text is encoded once, for the head metric and training
     if objective is None:
         metric = distillation(teacher, config, tokenizer, data, preferred_target(model))
         objective = distill_objective(config.distill_temperature, config.attention_kl_weight, metric)

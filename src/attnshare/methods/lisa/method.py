@@ -119,20 +119,21 @@ class LiSA(SharingMethod):
         plus the attention-map KL of each LiSA layer when ``config.attention_kl_weight`` > 0."""
         apply(model, plan)
         teacher = teacher if teacher is not None else load_teacher(model)
+        blocks = load_blocks(config, tokenizer)  # (N, T): the text is encoded once for every stage
         local: list[float] = []
         local_minutes = 0.0
         if plan.local_steps and not config.resume:  # a resumed run continues from a checkpoint made after it
             start = time.perf_counter()
             share = config.max_minutes * LOCAL_SHARE if config.max_minutes else None
-            local = layer_local_fit(model, teacher, plan.layers, load_blocks(config, tokenizer), plan.local_steps,
-                                    config, share, plan.local_repeats)
+            local = layer_local_fit(model, teacher, plan.layers, blocks, plan.local_steps, config, share,
+                                    plan.local_repeats)
             local_minutes = (time.perf_counter() - start) / 60
             if config.max_minutes:
                 config = dataclasses.replace(config, max_minutes=max(config.max_minutes - local_minutes, 0.05))
         objective = lisa_objective(model, teacher, plan.layers, config.distill_temperature,
                                    config.attention_kl_weight,
-                                   distillation(teacher, config, tokenizer, preferred=self.distill_target))
-        result = train_shared(model, tokenizer, config, teacher=teacher, objective=objective)
+                                   distillation(teacher, config, data=blocks, preferred=self.distill_target))
+        result = train_shared(model, tokenizer, config, teacher=teacher, objective=objective, data=blocks)
         if local:
             batches = -(-len(local) // plan.local_repeats)  # recorded teacher batches (each serves `repeats` steps)
             result.metrics.update({"local_steps": float(len(local)), "local_first": local[0], "local_last": local[-1],
