@@ -32,8 +32,11 @@ demo: $(STAMP)
 	$(BIN)/attnshare demo --out report
 
 # pytest's exit 5 (no test collected) is named, so a suite that vanished reads as what it is.
+# Tests run torch on one thread (tests/conftest.py), so pytest-xdist runs them in TEST_WORKERS processes: one per
+# core of the 2-core CI machine; worksteal keeps both busy to the end although a few tests take a minute or more.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	@rc=0; $(BIN)/python -m pytest -q -x --durations=10 || rc=$$?; \
+	@rc=0; $(BIN)/python -m pytest -q -x -n $(TEST_WORKERS) --dist worksteal --durations=10 || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
 lint: $(STAMP)
