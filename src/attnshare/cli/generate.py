@@ -22,8 +22,6 @@ def add_parser(sub, name: str) -> None:
 
 
 def run(args) -> int:
-    import contextlib
-
     import torch
     from transformers import TextStreamer
 
@@ -49,11 +47,12 @@ def run(args) -> int:
     if not args.chat:
         print(args.prompt, end="", flush=True)
     sampling = {"do_sample": True, "temperature": 0.8, "top_p": 0.95} if args.sample else {"do_sample": False}
-    fast, compiling = {}, contextlib.nullcontext()
+    fast = {}
     if args.compile:
-        fast, compiling = compiled_generation(), fast_path_compiling(model.device, args.autotune)
+        fast = compiled_generation()
         use_fast_path(model)  # HF's SDPA would copy the static cache's K/V per query head at every compiled step
-    with torch.no_grad(), compiling:
+    # without --compile nothing compiles, and fast_path_compiling without autotune changes no setting
+    with torch.no_grad(), fast_path_compiling(model.device, args.compile and args.autotune):
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
                        streamer=streamer, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling,
                        **fast)
