@@ -199,6 +199,66 @@ def test_trains_on_a_text_file(tmp_path):
         train(model, lm_objective(), cfg(text=str(tmp_path / "missing.txt")), tokenizer=CharTokenizer())
 
 
+class StartTokenizer(CharTokenizer):
+    bos_token_id = 1
+
+
+def reference_samples(model, start: int, rows: int, length: int, batch: int, seed: int) -> torch.Tensor:
+    """Ancestral sampling without a cache: every step runs the whole prefix; same generator order as the sampler."""
+    generator, chunks = torch.Generator().manual_seed(seed), []
+    for first in range(0, rows, batch):
+        ids = torch.full((min(batch, rows - first), 1), start)
+        while ids.shape[1] < length:
+            with torch.no_grad():
+                probs = torch.softmax(model(input_ids=ids, use_cache=False).logits[:, -1].float(), dim=-1)
+            ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator)], dim=1)
+        chunks.append(ids)
+    return torch.cat(chunks)
+
+
+def test_teacher_samples_are_the_teachers_own_draws_and_are_cached(tmp_path, monkeypatch):
+    from attnshare.training.samples import samples_path, teacher_samples
+
+    monkeypatch.setenv("ATTNSHARE_CACHE", str(tmp_path))
+    teacher = tiny_model("llama", num_layers=2).double()  # float64: cached and uncached probabilities agree exactly
+    ids = teacher_samples(teacher, StartTokenizer(), tokens=3 * 16 + 1, length=16, seed=3, batch=3, progress=False)
+    assert ids.shape == (4, 16) and bool((ids[:, 0] == 1).all())  # ceil(49 / 16) blocks, each from the start token
+    assert torch.equal(ids, reference_samples(teacher, 1, rows=4, length=16, batch=3, seed=3))
+    path = samples_path(teacher, 4, 16, 3)
+    assert path.is_file() and path.parent == tmp_path / "samples"
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # nothing half-written left behind
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("cached samples must not run the teacher")
+
+    monkeypatch.setattr(teacher, "forward", no_forward)
+    assert torch.equal(teacher_samples(teacher, StartTokenizer(), 49, 16, seed=3, progress=False), ids)
+    monkeypatch.undo()
+    monkeypatch.setenv("ATTNSHARE_CACHE", str(tmp_path))
+    other = teacher_samples(teacher, StartTokenizer(), 49, 16, seed=4, batch=4, progress=False)
+    assert samples_path(teacher, 4, 16, 4) != path and not torch.equal(other, ids)
+    with pytest.raises(AttnshareError, match="BOS or EOS"):
+        teacher_samples(teacher, CharTokenizer(), 49, 16, seed=5, progress=False)
+
+
+def test_trains_on_teacher_samples(tmp_path, monkeypatch):
+    from attnshare.training.loop import load_blocks
+    from attnshare.training.samples import teacher_samples
+
+    monkeypatch.setenv("ATTNSHARE_CACHE", str(tmp_path))
+    teacher, student = tiny_model("llama", num_layers=1), tiny_model("llama", num_layers=1)
+    config = cfg(text="teacher", teacher_tokens=8 * 32, max_steps=2)
+    blocks = load_blocks(config, StartTokenizer(), teacher=teacher)
+    assert torch.equal(blocks, teacher_samples(teacher, StartTokenizer(), 8 * 32, 32, seed=0, progress=False))
+    result = train(student, distill_objective(temperature=1.0), config, teacher=teacher, trainable=ATTN,
+                   tokenizer=StartTokenizer())
+    assert result.steps == 2 and result.tokens == 2 * 4 * 32
+    with pytest.raises(AttnshareError, match="has none"):
+        train(student, lm_objective(), config, trainable=ATTN, tokenizer=StartTokenizer())
+    with pytest.raises(AttnshareError, match="teacher_tokens"):
+        cfg(text="teacher", teacher_tokens=16)
+
+
 def test_only_trainable_parameters_change():
     model = tiny_model("llama", num_layers=2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -38,6 +38,25 @@ def write_folder(target: Path, write: Callable[[Path], None]) -> Path:
     return target
 
 
+def write_file(path: Path, write: Callable[[str], None]) -> Path:
+    """``write(tmp)`` fills a temporary file beside ``path``, which then replaces ``path`` in one rename, so an
+    interrupted write leaves nothing half-written (the file gets the usual permissions, not mkstemp's 0600)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
 def read_json(path: Path, missing: str, corrupt: str) -> Any:
     """The JSON value in ``path``; ``missing`` / ``corrupt`` (with ``{error}``, the exception's name) are the
     one-sentence errors for an absent file and for one that is not JSON."""

@@ -3,32 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import require
+from ..paths import write_file
 
 if TYPE_CHECKING:
     from .analyze import Analysis
-
-
-def _write_atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: no half-written outputs."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_analysis(analysis: Analysis, out_dir, plots: bool = True) -> list[Path]:
@@ -37,8 +21,8 @@ def save_analysis(analysis: Analysis, out_dir, plots: bool = True) -> list[Path]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "analysis.json", out / "analysis.safetensors"]
-    _write_atomic(paths[0], lambda t: Path(t).write_text(json.dumps(analysis.to_dict(), indent=1) + "\n"))
-    _write_atomic(paths[1], lambda t: save_file(analysis.tensors(), t))
+    write_file(paths[0], lambda t: Path(t).write_text(json.dumps(analysis.to_dict(), indent=1) + "\n"))
+    write_file(paths[1], lambda t: save_file(analysis.tensors(), t))
     if plots:
         paths += plot_analysis(analysis, out)
     return paths
@@ -140,6 +124,6 @@ def plot_analysis(analysis: Analysis, out: Path) -> list[Path]:
 
 def _save(fig, path: Path, plt) -> Path:
     fig.tight_layout()
-    _write_atomic(path, lambda t: fig.savefig(t, dpi=80, format="png"))
+    write_file(path, lambda t: fig.savefig(t, dpi=80, format="png"))
     plt.close(fig)
     return path

@@ -36,12 +36,14 @@ def run(args) -> int:
     from ..config import dataclass_from_args
     from ..errors import AttnshareError
     from ..training import TrainConfig
+    from ..training.samples import TEACHER_TEXT
     from .common import check_out_folder, check_text, load_from_args, prepare_plans, print_table, write_json
 
     make_plans = prepare_plans(args)  # bad flags and plan files fail before the slow model load
     config = dataclass_from_args(TrainConfig, args, out_dir=getattr(args, "out_dir", None)
                                  or f"{Path(args.out)}-checkpoints")
-    check_text(config.text)
+    if config.text != TEACHER_TEXT:  # samples of the teacher are drawn (or read from the cache) when training starts
+        check_text(config.text)
     check_out_folder(args.out, artifact=True)
     check_out_folder(config.out_dir, "--out-dir")
     model, tokenizer = load_from_args(args)

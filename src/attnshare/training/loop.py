@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from ..data import load_text, token_blocks, tokenize_text
 from ..errors import AttnshareError
 from .losses import Objective
+from .samples import TEACHER_TEXT, teacher_samples
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,9 @@ _STATE_FILE = "state.json"
 class TrainConfig:
     """Training: data, optimiser, schedule, budget and checkpoints (shared by LiSA, SA healing and PostShare)."""
 
-    text: str = field(default="plays", metadata={"help": "named text (plays, britannica, hamlet) or a UTF-8 file"})
+    text: str = field(default="plays", metadata={"help": "named text (plays, britannica, hamlet, pyref), a UTF-8 file, or "
+                                                         "'teacher': text sampled from the teacher itself (cached)"})
+    teacher_tokens: int = field(default=65536, metadata={"help": "tokens sampled from the teacher for --text teacher"})
     max_tokens: int | None = field(default=None, metadata={"help": "use only the first N tokens of the text"})
     seq_len: int = field(default=256, metadata={"help": "tokens per training block"})
     batch_size: int = field(default=4, metadata={"help": "blocks per process per micro-step"})
@@ -89,13 +92,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
-        positive_ints = ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every")
+        positive_ints = ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "teacher_tokens")
         for name in positive_ints:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise AttnshareError(f"{name} must be a positive whole number, got {value!r}.")
         if self.seq_len < 2:
             raise AttnshareError(f"seq_len must be at least 2 tokens to predict a next token, got {self.seq_len}.")
+        if self.text == TEACHER_TEXT and self.teacher_tokens < self.seq_len:
+            raise AttnshareError(f"teacher_tokens ({self.teacher_tokens}) must be at least seq_len ({self.seq_len}).")
         if self.max_tokens is not None and self.max_tokens < self.seq_len:
             raise AttnshareError(f"max_tokens ({self.max_tokens}) must be at least seq_len ({self.seq_len}).")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -206,12 +211,20 @@ def select_trainable(model: torch.nn.Module, trainable: Trainable) -> list[str]:
     return names
 
 
-def load_blocks(config: TrainConfig, tokenizer=None, data: torch.Tensor | None = None) -> torch.Tensor:
-    """Training blocks (N, seq_len): from ``data`` (1-D token ids or (N, T) blocks) or from ``config.text``."""
+def load_blocks(config: TrainConfig, tokenizer=None, data: torch.Tensor | None = None, teacher=None) -> torch.Tensor:
+    """Training blocks (N, seq_len): from ``data`` (1-D token ids or (N, T) blocks) or from ``config.text`` (samples
+    of ``teacher`` when the text is 'teacher')."""
     if data is None:
         if tokenizer is None:
             raise AttnshareError("Training needs a tokenizer for the text, or pre-tokenized data.")
-        data = tokenize_text(tokenizer, load_text(config.text), config.max_tokens)
+        if config.text != TEACHER_TEXT:
+            data = tokenize_text(tokenizer, load_text(config.text), config.max_tokens)
+        elif teacher is None:
+            raise AttnshareError("--text teacher samples the teacher, and this training has none (it does not "
+                                 "distil); train on a named text or a text file instead.")
+        else:
+            data = teacher_samples(teacher, tokenizer, config.teacher_tokens, config.seq_len, config.seed,
+                                   progress=config.progress)
     ids = data.reshape(-1)[: config.max_tokens] if config.max_tokens else data.reshape(-1)  # (n,)
     return token_blocks(ids.long(), config.seq_len)  # (N, seq_len)
 
@@ -367,7 +380,7 @@ def train(
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if limit and config.seq_len > limit:
         raise AttnshareError(f"seq_len {config.seq_len} is longer than the model's context of {limit}; use {limit} or less.")
-    blocks = load_blocks(config, tokenizer, data)  # (N, seq_len)
+    blocks = load_blocks(config, tokenizer, data, teacher)  # (N, seq_len)
     names = select_trainable(model, trainable)
 
     # Without CUDA, cpu=True is what makes several launched processes form a gloo process group.

@@ -68,7 +68,7 @@ def distillation(teacher, config: TrainConfig, tokenizer=None, data=None, prefer
     if target != "hidden":
         return None
     log.info("distilling LM-head inputs under the teacher's Fisher metric (%d tokens)", METRIC_TOKENS)
-    return teacher_head_metric(teacher, load_blocks(config, tokenizer, data))
+    return teacher_head_metric(teacher, load_blocks(config, tokenizer, data, teacher))
 
 
 def preferred_target(model) -> str:
@@ -90,7 +90,7 @@ def train_shared(model, tokenizer, config: TrainConfig | None = None, teacher=No
     if teacher is None:
         teacher, _ = load_base(state.identity, dtype=next(model.parameters()).dtype)
     if data is None:
-        data = load_blocks(config, tokenizer)  # (N, T): the text is encoded once, for the head metric and training
+        data = load_blocks(config, tokenizer, teacher=teacher)  # (N, T): encoded once, for the head metric and training
     if objective is None:
         metric = distillation(teacher, config, tokenizer, data, preferred_target(model))
         objective = distill_objective(config.distill_temperature, config.attention_kl_weight, metric)

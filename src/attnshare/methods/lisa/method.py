@@ -119,7 +119,7 @@ class LiSA(SharingMethod):
         plus the attention-map KL of each LiSA layer when ``config.attention_kl_weight`` > 0."""
         apply(model, plan)
         teacher = teacher if teacher is not None else load_teacher(model)
-        blocks = load_blocks(config, tokenizer)  # (N, T): the text is encoded once for every stage
+        blocks = load_blocks(config, tokenizer, teacher=teacher)  # (N, T): the text is encoded once for every stage
         local: list[float] = []
         local_minutes = 0.0
         if plan.local_steps and not config.resume:  # a resumed run continues from a checkpoint made after it
