@@ -61,6 +61,19 @@ def test_train_cli_heals_and_writes_an_artifact(tiny_folder, tmp_path):
     assert (tmp_path / "healed-checkpoints").is_dir()  # beside the artifact, which stays small
 
 
+def test_train_cli_distils_lisa_on_teacher_samples(tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNSHARE_CACHE", str(tmp_path / "cache"))
+    folder, _ = tiny_folder
+    art = tmp_path / "lisa"
+    argv = ["train", "--model", str(folder), "--method", "lisa", "--layers", "2", "3", "--init", "permutation",
+            "--local-steps", "2", "--text", "teacher", "--teacher-tokens", "64", "--seq-len", "16", "--batch-size",
+            "2", "--max-steps", "2", "--no-progress", "--out", str(art)]
+    assert main(argv) == 0
+    report = json.loads((art / "train.json").read_text())
+    assert report["steps"] == 2 and report["local_steps"] == 2
+    assert len(list((tmp_path / "cache" / "samples").glob("*.safetensors"))) == 1  # 4 blocks of 16, drawn once
+
+
 def test_every_command_prints_its_help(capsys):
     """`attnshare <command> --help` works for every command: each flag's help is an argparse format string, so a
     stray percent sign in a config field's help would break it."""
