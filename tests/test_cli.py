@@ -65,7 +65,7 @@ def test_train_cli_distils_lisa_on_teacher_samples(tiny_folder, tmp_path, monkey
     monkeypatch.setenv("ATTNSHARE_CACHE", str(tmp_path / "cache"))
     folder, _ = tiny_folder
     art = tmp_path / "lisa"
-    argv = ["train", "--model", str(folder), "--method", "lisa", "--layers", "2", "3", "--init", "permutation",
+    argv = ["train", "--model", str(folder), "--method", "lisa", "--layers", "2", "3", "--init", "permutation", "--no-align-heads",
             "--local-steps", "2", "--text", "teacher", "--teacher-tokens", "64", "--seq-len", "16", "--batch-size",
             "2", "--max-steps", "2", "--no-progress", "--out", str(art)]
     assert main(argv) == 0
