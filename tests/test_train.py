@@ -530,6 +530,22 @@ def test_two_processes_match_one(tmp_path):
         torch.testing.assert_close(p2[key], p1[key], atol=1e-5, rtol=1e-4)
 
 
+def test_two_processes_sample_the_teacher_once(tmp_path):
+    """``--text teacher`` on 2 gloo processes: the main process draws and caches the samples, the other waits and
+    reads them (no teacher forward), and both train on the same blocks (tests/train_worker.py, ~5 s)."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "ATTNSHARE_CACHE": str(tmp_path / "cache")}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), str(ROOT / "tests" / "train_worker.py"), str(tmp_path), "samples"]
+    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=180, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    main, other = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert main["forwards"] == 15 and other["forwards"] == 0  # one batch of 4 rows: 15 decoding steps, on rank 0
+    assert main["blocks"] == other["blocks"] and len(main["blocks"]) == 4
+    assert len(list((tmp_path / "cache" / "samples").iterdir())) == 1
+
+
 def test_minutes_report_refuses_folders_without_a_budget_in_one_sentence(tmp_path):
     """``python -m attnshare.report.minutes``: a folder without train.json, or a record without its budget (and no
     --budgets), or --budgets of the wrong length, each get one sentence and no traceback."""

@@ -1,7 +1,9 @@
-"""Worker for the multi-process training test: ``accelerate launch --cpu --num_processes 2 train_worker.py OUT``.
+"""Worker for the multi-process tests: ``accelerate launch --cpu --num_processes 2 train_worker.py OUT BATCH``.
 
-Trains a tiny Llama on random token ids with the same global batch as the single-process run in test_train.py and
-writes the loss curve (JSON) and the trained parameters (safetensors) from the main process.
+With a batch size, trains a tiny Llama on random token ids with the same global batch as the single-process run in
+test_train.py and writes the loss curve (JSON) and the trained parameters (safetensors) from the main process.
+With ``samples`` instead, every process loads ``--text teacher`` blocks (ATTNSHARE_CACHE names an empty folder) and
+writes them with the number of teacher forwards it ran.
 """
 
 from __future__ import annotations
@@ -34,5 +36,27 @@ def main(out: Path, batch_size: int) -> None:
     state.wait_for_everyone()
 
 
+class StartTokenizer:
+    bos_token_id = 1
+
+
+def samples(out: Path) -> None:
+    from accelerate import PartialState
+
+    from attnshare.training.loop import load_blocks
+
+    torch.set_num_threads(1)
+    rank = PartialState(cpu=True).process_index
+    teacher, forwards = tiny_model("llama", num_layers=2), []
+    teacher.register_forward_hook(lambda *args: forwards.append(1))
+    config = TrainConfig(text="teacher", teacher_tokens=4 * 16, seq_len=16, batch_size=1, progress=False, seed=3)
+    blocks = load_blocks(config, StartTokenizer(), teacher=teacher)  # (4, 16)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"rank{rank}.json").write_text(json.dumps({"forwards": len(forwards), "blocks": blocks.tolist()}))
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]))
+    if sys.argv[2] == "samples":
+        samples(Path(sys.argv[1]))
+    else:
+        main(Path(sys.argv[1]), int(sys.argv[2]))

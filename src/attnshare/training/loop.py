@@ -211,6 +211,12 @@ def select_trainable(model: torch.nn.Module, trainable: Trainable) -> list[str]:
     return names
 
 
+def on_cpu(config: TrainConfig) -> bool:
+    """Whether training runs on the CPU. Without CUDA, ``cpu=True`` is what makes several launched processes form a
+    gloo process group."""
+    return config.cpu or not torch.cuda.is_available()
+
+
 def load_blocks(config: TrainConfig, tokenizer=None, data: torch.Tensor | None = None, teacher=None) -> torch.Tensor:
     """Training blocks (N, seq_len): from ``data`` (1-D token ids or (N, T) blocks) or from ``config.text`` (samples
     of ``teacher`` when the text is 'teacher')."""
@@ -223,8 +229,12 @@ def load_blocks(config: TrainConfig, tokenizer=None, data: torch.Tensor | None =
             raise AttnshareError("--text teacher samples the teacher, and this training has none (it does not "
                                  "distil); train on a named text or a text file instead.")
         else:
-            data = teacher_samples(teacher, tokenizer, config.teacher_tokens, config.seq_len, config.seed,
-                                   progress=config.progress)
+            from accelerate import PartialState
+
+            # Launched on several processes, the main one draws (and caches) the samples and the others read them.
+            with PartialState(cpu=on_cpu(config)).main_process_first():
+                data = teacher_samples(teacher, tokenizer, config.teacher_tokens, config.seq_len, config.seed,
+                                       progress=config.progress)
     ids = data.reshape(-1)[: config.max_tokens] if config.max_tokens else data.reshape(-1)  # (n,)
     return token_blocks(ids.long(), config.seq_len)  # (N, seq_len)
 
@@ -383,8 +393,7 @@ def train(
     blocks = load_blocks(config, tokenizer, data, teacher)  # (N, seq_len)
     names = select_trainable(model, trainable)
 
-    # Without CUDA, cpu=True is what makes several launched processes form a gloo process group.
-    accelerator = Accelerator(cpu=config.cpu or not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
+    accelerator = Accelerator(cpu=on_cpu(config), mixed_precision=config.mixed_precision)
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(config.seed + rank)
     batch_indices(blocks.shape[0], 0, 0, 0, world, config.batch_size, config.grad_accum, config.seed)  # size check
