@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import tempfile
 from pathlib import Path
 
 from .common import add_method_args, add_model_args, check_out_file, check_text, load_from_args, print_table
@@ -74,6 +72,7 @@ def run(args) -> int:
     from ..arch import geometry
     from ..errors import AttnshareError
     from ..methods import get_method
+    from ..paths import write_file
     from ..plan import save_plans
     from ..sharing.registry import load_plans
 
@@ -98,15 +97,6 @@ def run(args) -> int:
         plan.validate(geo)
     print_table([{"method": p.method, "plan": p.summary()} for p in plans])
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}-")
-        os.close(fd)
-        try:
-            save_plans(plans, tmp)
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        out = write_file(Path(args.out), lambda tmp: save_plans(plans, tmp))
         print(f"wrote {out}")
     return 0

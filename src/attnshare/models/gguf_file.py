@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import mmap
-import os
 import struct
 import time
 from dataclasses import dataclass, field
@@ -31,7 +30,7 @@ import torch
 from ..arch import arch_of
 from ..errors import AttnshareError
 from ..hf_compat import versions
-from ..paths import cache_dir, write_folder
+from ..paths import cache_dir, write_file, write_folder
 
 log = logging.getLogger(__name__)
 
@@ -315,12 +314,8 @@ def _remember_hash(key: str, digest: str) -> None:
     """Add one entry (the newest 256 are kept), replacing the file in one rename; a lost race only costs a rehash."""
     known = {k: v for k, v in _known_hashes().items() if k != key}
     known = dict(list(known.items())[-255:]) | {key: digest}
-    target = _hashes_file()
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(known, indent=1) + "\n")
-        os.replace(tmp, target)
+        write_file(_hashes_file(), lambda tmp: Path(tmp).write_text(json.dumps(known, indent=1) + "\n"))
     except OSError as e:  # a read-only cache still converts, it just hashes again next time
         log.debug("Cannot remember the hash of %s: %s", key, e)
 
