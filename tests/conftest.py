@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,6 +17,25 @@ ARCH_NAMES = ["llama", "mistral", "qwen2", "qwen3", "gemma3_text", "olmo2", "gra
 # Families with a tiny config that the whole contract cannot run on, each tested in tests/test_families.py: Gemma-2
 # has no SDPA in transformers (attnshare.load_model's default); Phi-3 fuses q/k/v, so only drop/layerdrop apply.
 OTHER_ARCHS = ["gemma2", "phi3"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_worker(worker: Path, *args: str, processes: int = 1, **env: str) -> None:
+    """Run a test worker script with ``args``: as ``processes`` gloo CPU processes through ``accelerate launch``, or
+    as one plain process; ``env`` adds environment variables. Fails the test with the worker's stderr."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1",
+           "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": "", **env}
+    launch = [sys.executable]
+    if processes > 1:
+        with socket.socket() as s:  # a free port for the process group
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        launch += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", str(port)]
+    done = subprocess.run([*launch, str(worker), *args], env=env, capture_output=True, text=True, timeout=180,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def tiny_config(arch: str, num_layers: int = 4):

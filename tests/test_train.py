@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import run_worker, tiny_model
 from safetensors.torch import load_file
 
 from attnshare.config import add_dataclass_args, dataclass_from_args
@@ -504,24 +500,13 @@ def test_resume_refuses_another_plan_and_missing_checkpoints(tmp_path):
 # ----------------------------------------------------------------------------------------------- multi-process
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+WORKER = ROOT / "tests" / "train_worker.py"
 
 
 def test_two_processes_match_one(tmp_path):
     """2 gloo CPU processes with batch 2 each == 1 process with batch 4 (tests/train_worker.py, ~6 s)."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1",
-           "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": ""}
-    worker = str(ROOT / "tests" / "train_worker.py")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(free_port()), worker, str(tmp_path / "two"), "2"]
-    single = [sys.executable, worker, str(tmp_path / "one"), "4"]
-    for cmd in (launch, single):
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, check=False)
-        assert done.returncode == 0, done.stderr[-3000:]
+    run_worker(WORKER, str(tmp_path / "two"), "2", processes=2)
+    run_worker(WORKER, str(tmp_path / "one"), "4")
     two, one = (json.loads((tmp_path / k / "result.json").read_text()) for k in ("two", "one"))
     assert (two["world"], one["world"]) == (2, 1)
     assert [x[1] for x in two["losses"]] == pytest.approx([x[1] for x in one["losses"]], abs=1e-5)
@@ -533,13 +518,7 @@ def test_two_processes_match_one(tmp_path):
 def test_two_processes_sample_the_teacher_once(tmp_path):
     """``--text teacher`` on 2 gloo processes: the main process draws and caches the samples, the other waits and
     reads them (no teacher forward), and both train on the same blocks (tests/train_worker.py, ~5 s)."""
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1",
-           "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": "", "ATTNSHARE_CACHE": str(tmp_path / "cache")}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(free_port()), str(ROOT / "tests" / "train_worker.py"), str(tmp_path), "samples"]
-    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=180, check=False)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_worker(WORKER, str(tmp_path), "samples", processes=2, ATTNSHARE_CACHE=str(tmp_path / "cache"))
     main, other = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert main["forwards"] == 15 and other["forwards"] == 0  # one batch of 4 rows: 15 decoding steps, on rank 0
     assert main["blocks"] == other["blocks"] and len(main["blocks"]) == 4
