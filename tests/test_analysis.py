@@ -12,7 +12,7 @@ from conftest import tiny_model
 from helpers import logits, random_ids
 
 import attnshare
-from attnshare.analysis.collect import calibration_blocks
+from attnshare.analysis.collect import CalibrationConfig, calibration_blocks
 from attnshare.analysis.heads import head_maps_for, head_similarity
 from attnshare.analysis.metrics import (
     LN2,
@@ -171,7 +171,9 @@ def test_plan_sa_greedy_picks_the_cheapest_layer():
 
 def test_choose_lisa_layers(arch):
     model = tiny_model(arch, num_layers=6)
-    layers = choose_lisa_layers(model, 0.5, tokens=64, seq_len=32, heldout=32, progress=False)
+    calib = CalibrationConfig(calib_tokens=64, calib_seq_len=32, heldout_tokens=32)
+    layers, probe = choose_lisa_layers(model, 0.5, calib, progress=False)
+    assert probe.measured == len(probe.valid_receivers([]))  # each candidate measured once
     assert len(layers) == 3 and 0 not in layers and layers == sorted(layers)
 
 
@@ -179,7 +181,7 @@ def test_choose_lisa_layers(arch):
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.2, 1.5, 0.05])
 def test_lisa_fraction_out_of_range(fraction):
     with pytest.raises(AttnshareError, match="fraction|LiSA"):
-        choose_lisa_layers(tiny_model("llama"), fraction, tokens=64)
+        choose_lisa_layers(tiny_model("llama"), fraction, CalibrationConfig(calib_tokens=64))
 
 
 @pytest.mark.parametrize("config, message", [

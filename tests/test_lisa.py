@@ -643,6 +643,39 @@ def test_make_plan_by_fraction_keeps_layer_zero_standard():
     assert len(plan.layers) == 3 and 0 not in plan.layers and sorted(plan.head_map) == plan.layers
 
 
+def test_make_plan_measures_on_its_calibration_settings_once(monkeypatch):
+    """The layer choice, head maps and fitted start read the config's calibration flags (as every planner does),
+    and the head maps come from the sensitivity probe: one attention-statistics pass in all."""
+    import attnshare.methods.lisa.method as lisa_method
+    import attnshare.methods.sa.planner as sa_planner
+    from attnshare.analysis import heads, sensitivity
+
+    seen: dict[str, list] = {"stats": [], "heldout": [], "fit": []}
+    real_stats, real_blocks, real_fit = heads.head_similarity, sensitivity.calibration_blocks, lisa_method.fit_layers
+
+    def stats(model, pairs, **kw):
+        seen["stats"].append((kw["tokens"], kw["seq_len"]))
+        return real_stats(model, pairs, **kw)
+
+    def blocks(model, text, tokens, seq_len, **kw):
+        seen["heldout"].append((text, tokens, seq_len, kw.get("offset")))
+        return real_blocks(model, text, tokens, seq_len, **kw)
+
+    def fit(*args, **kw):
+        seen["fit"].append((kw["text"], kw["tokens"], kw["seq_len"]))
+        return real_fit(*args, **kw)
+
+    monkeypatch.setattr(heads, "head_similarity", stats)
+    monkeypatch.setattr(sa_planner, "head_similarity", stats)
+    monkeypatch.setattr(sensitivity, "calibration_blocks", blocks)
+    monkeypatch.setattr(lisa_method, "fit_layers", fit)
+    config = LiSAConfig(fraction=0.5, rank=4, calib_text="plays", calib_tokens=64, calib_seq_len=32,
+                        heldout_tokens=48)
+    plan = attnshare.methods.get_method("lisa").make_plan(tiny_model("llama", num_layers=6), config)
+    assert len(plan.layers) == 3 and sorted(plan.head_map) == plan.layers
+    assert seen == {"stats": [(64, 32)], "heldout": [("plays", 48, 32, 64)], "fit": [("plays", 64, 32)]}
+
+
 # ----------------------------------------------------------------------------------------------- real model
 
 

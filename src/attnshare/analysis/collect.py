@@ -144,14 +144,28 @@ class CalibrationConfig:
     heldout_tokens: int = field(
         default=512, metadata={"help": "held-out calibration tokens on which planners measure the KL of candidate plans"}
     )
-    screen_tokens: int = field(
-        default=128, metadata={"help": "planners first measure every candidate alone on this many held-out tokens, "
-                                       "then the shortlist on all of them (0: all of them from the start)"}
-    )
     measure_precision: str = field(
         default="auto", metadata={"help": "arithmetic of the candidate forwards planners measure (the base's reference "
                                           "stays float32); auto: bfloat16 autocast where the device multiplies bf16 "
                                           "natively, else float32", "choices": list(PRECISIONS)}
+    )
+
+    def __post_init__(self) -> None:
+        check_calibration_text(self.calib_text)
+        if self.calib_tokens < 2 or self.heldout_tokens < 2 or self.calib_seq_len < 2:
+            raise AttnshareError("Calibration and held-out token counts and the sequence length must be at least 2.")
+        if self.measure_precision not in PRECISIONS:
+            raise AttnshareError(f"--measure-precision must be {' or '.join(PRECISIONS)}; "
+                                 f"got {self.measure_precision!r}.")
+
+
+@dataclass
+class SelectionConfig(CalibrationConfig):
+    """Calibration knobs of the planners that select a plan by greedy search over measured candidates."""
+
+    screen_tokens: int = field(
+        default=128, metadata={"help": "planners first measure every candidate alone on this many held-out tokens, "
+                                       "then the shortlist on all of them (0: all of them from the start)"}
     )
     shortlist: int = field(
         default=0, metadata={"help": "candidates kept for greedy selection after single measurement (0: budget + 8)"}
@@ -161,11 +175,8 @@ class CalibrationConfig:
     )
 
     def __post_init__(self) -> None:
-        check_calibration_text(self.calib_text)
-        if self.calib_tokens < 2 or self.heldout_tokens < 2 or self.calib_seq_len < 2 or self.shortlist < 0 or self.greedy_width < 0:
-            raise AttnshareError("Calibration and held-out token counts and the sequence length must be at least 2.")
+        super().__post_init__()
+        if self.shortlist < 0 or self.greedy_width < 0:
+            raise AttnshareError("--shortlist and --greedy-width must be zero or more.")
         if self.screen_tokens == 1 or self.screen_tokens < 0:
             raise AttnshareError(f"--screen-tokens must be 0 (off) or at least 2; got {self.screen_tokens}.")
-        if self.measure_precision not in PRECISIONS:
-            raise AttnshareError(f"--measure-precision must be {' or '.join(PRECISIONS)}; "
-                                 f"got {self.measure_precision!r}.")

@@ -21,7 +21,14 @@ from ..evaluate.perplexity import ppl_from_nll
 from ..hf_compat import decoder_layer_output
 from ..plan import UNCHANGED, Plan
 from ..sharing.apply import apply, unapply
-from .collect import PRECISIONS, CalibrationConfig, calibration_blocks, check_base_model, model_tokenizer
+from .collect import (
+    PRECISIONS,
+    CalibrationConfig,
+    SelectionConfig,
+    calibration_blocks,
+    check_base_model,
+    model_tokenizer,
+)
 
 
 @dataclass
@@ -225,10 +232,13 @@ class Probe:
         self.measured = 0
 
     @classmethod
-    def of(cls, model: nn.Module, config: CalibrationConfig, progress: bool = False) -> Probe:
-        """A probe with a planner's calibration settings (text, tokens, held-out and screening budget, precision)."""
-        return cls(model, text=config.calib_text, tokens=config.calib_tokens, seq_len=config.calib_seq_len,
-                   heldout=config.heldout_tokens, screen=config.screen_tokens, precision=config.measure_precision,
+    def of(cls, model: nn.Module, config: CalibrationConfig, progress: bool = False, *,
+           seq_len: int | None = None) -> Probe:
+        """A probe with a planner's calibration settings (text, tokens, held-out tokens, precision, and a
+        :class:`SelectionConfig`'s screening budget); ``seq_len`` overrides the config's sequence length."""
+        screen = config.screen_tokens if isinstance(config, SelectionConfig) else 0
+        return cls(model, text=config.calib_text, tokens=config.calib_tokens, seq_len=seq_len or config.calib_seq_len,
+                   heldout=config.heldout_tokens, screen=screen, precision=config.measure_precision,
                    progress=progress)
 
     def measure(self, plans: Plan | list[Plan], *, screen: bool = False) -> Divergence:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ...analysis.collect import CalibrationConfig
+from ...analysis.collect import SelectionConfig
 from ...errors import AttnshareError
 
 SCORES = ("loss", "influence")
 
 
 @dataclass
-class RemovalConfig(CalibrationConfig):
+class RemovalConfig(SelectionConfig):
     """What every removal baseline shares: explicit layers or a budget, and how layers are chosen."""
 
     layers: list[int] = field(

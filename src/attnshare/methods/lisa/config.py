@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ...analysis.collect import CalibrationConfig
 from ...errors import AttnshareError
 from ...plan import check_layer_list
 from .plan import INITS, SOURCES
 
 
 @dataclass
-class LiSAConfig:
-    """How LiSA chooses its layers and shapes its modules."""
+class LiSAConfig(CalibrationConfig):
+    """How LiSA chooses its layers and shapes its modules (calibration: layer sensitivity on the held-out tokens,
+    head maps and the fitted start on the calibration tokens)."""
 
     layers: list[int] = field(
         default_factory=list, metadata={"help": "explicit LiSA layers (each reuses layer l-1); default: --fraction"}
@@ -52,6 +54,7 @@ class LiSAConfig:
     )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0.0 < self.fraction < 1.0:
             raise AttnshareError(f"--fraction must be between 0 and 1 (exclusive), got {self.fraction}.")
         check_layer_list(self.layers, "--layers", "LiSA layer", "has no previous layer to share from")

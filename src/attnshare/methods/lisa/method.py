@@ -22,7 +22,7 @@ from .config import LiSAConfig, default_rank
 from .fit import fit_layers, fitted_start
 from .modules import BLOCK_ROWS, LiSAAttention
 from .plan import LiSAPlan
-from .planner import calibration_seq_len, choose_layers, head_maps
+from .planner import calibration_seq_len, choose_lisa_layers, head_maps
 from .training import layer_local_fit, lisa_objective, load_teacher
 
 log = logging.getLogger(__name__)
@@ -40,16 +40,18 @@ class LiSA(SharingMethod):
     def make_plan(self, model: nn.Module, config: LiSAConfig) -> LiSAPlan:
         require(model, REPLACE_ATTENTION, "LiSA")
         geo = geometry(model)
-        layers = sorted(config.layers) if config.layers else choose_layers(model, config.fraction)
+        layers, probe = ((sorted(config.layers), None) if config.layers else
+                         choose_lisa_layers(model, config.fraction, config))
         plan = LiSAPlan(layers=layers, rank=config.rank or default_rank(geo.head_dim), ffn_width=config.ffn_width,
                         source=config.source, rope=config.rope, local_steps=config.local_steps,
                         local_repeats=config.local_repeats, fused_prefill=config.fused_prefill)
         plan.validate(geo)
         if config.align_heads:
-            plan.head_map = head_maps(model, {layer: layer - 1 for layer in layers})
+            plan.head_map = head_maps(model, {layer: layer - 1 for layer in layers}, config, probe)
         if config.init == "fit":
             plan.init = "fit"
-            plan.fits = fit_layers(model, layers, plan.head_map, plan.rank, seq_len=calibration_seq_len(model))
+            plan.fits = fit_layers(model, layers, plan.head_map, plan.rank, text=config.calib_text,
+                                   tokens=config.calib_tokens, seq_len=calibration_seq_len(model, config))
         plan.validate(geo)
         return plan
 

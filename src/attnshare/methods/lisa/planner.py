@@ -6,6 +6,7 @@ import logging
 
 from torch import nn
 
+from ...analysis.collect import CalibrationConfig
 from ...analysis.heads import head_maps_for
 from ...arch import geometry
 from ...errors import AttnshareError
@@ -27,17 +28,22 @@ def lisa_count(fraction: float, num_layers: int) -> int:
     return count
 
 
-def choose_lisa_layers(model: nn.Module, fraction: float, *, text: str = "plays", tokens: int = 1024,
-                       seq_len: int = 512, heldout: int = 512, progress: bool = True) -> list[int]:
-    """The ``round(fraction * L)`` layers that become LiSA layers (each reuses layer l-1), never layer 0.
+def calibration_seq_len(model: nn.Module, config: CalibrationConfig) -> int:
+    """The config's calibration windows (512 tokens by default), shortened for models with a shorter context."""
+    return min(config.calib_seq_len, getattr(model.config, "max_position_embeddings", None) or config.calib_seq_len)
 
-    Ranked by measured sensitivity: the KL on held-out calibration tokens when the layer alone reuses its
+
+def choose_lisa_layers(model: nn.Module, fraction: float, config: CalibrationConfig, *,
+                       progress: bool = True) -> tuple[list[int], PlanProbe]:
+    """The ``round(fraction * L)`` layers that become LiSA layers (each reuses layer l-1), never layer 0, and the
+    probe that measured them (it keeps the head maps it computed).
+
+    Ranked by measured sensitivity: the KL on ``config``'s held-out calibration tokens when the layer alone reuses its
     predecessor's attention with heads aligned (what LiSA starts from); the least sensitive layers are chosen, so
     fragile (typically shallow) layers stay standard.
     """
-    geo = geometry(model)
-    count = lisa_count(fraction, geo.num_layers)
-    probe = PlanProbe(model, text=text, tokens=tokens, seq_len=seq_len, heldout=heldout, progress=progress)
+    count = lisa_count(fraction, geometry(model).num_layers)
+    probe = PlanProbe.of(model, config, progress, seq_len=calibration_seq_len(model, config))
     candidates = probe.valid_receivers([])
     if len(candidates) < count:
         raise AttnshareError(
@@ -48,20 +54,14 @@ def choose_lisa_layers(model: nn.Module, fraction: float, *, text: str = "plays"
     ranked = sorted(candidates, key=lambda layer: (scores[layer].kl, layer))
     chosen = sorted(ranked[:count])
     log.info("LiSA layers %s (KL %s)", chosen, {l: round(scores[l].kl, 4) for l in chosen})
-    return chosen
+    return chosen, probe
 
 
-def calibration_seq_len(model: nn.Module) -> int:
-    """The analysis' 512-token calibration windows, shortened for models with a shorter context."""
-    return min(512, getattr(model.config, "max_position_embeddings", None) or 512)
-
-
-def choose_layers(model: nn.Module, fraction: float) -> list[int]:
-    """LiSA layers for ``fraction`` of the model, shallow (fragile) layers kept, from measured sensitivity."""
-    seq_len = calibration_seq_len(model)
-    return choose_lisa_layers(model, fraction, seq_len=seq_len, heldout=seq_len)
-
-
-def head_maps(model: nn.Module, donors: dict[int, int]) -> dict[int, list[int]]:
-    """Best head permutation for each (receiver, donor) pair, from the head-similarity analysis."""
-    return head_maps_for(model, donors, seq_len=calibration_seq_len(model))
+def head_maps(model: nn.Module, donors: dict[int, int], config: CalibrationConfig,
+              probe: PlanProbe | None = None) -> dict[int, list[int]]:
+    """Best head permutation for each (receiver, donor) pair from the head similarity on ``config``'s calibration
+    tokens; a probe reuses the pairs it already measured."""
+    if probe is not None:
+        return probe.head_maps(donors)
+    return head_maps_for(model, donors, text=config.calib_text, tokens=config.calib_tokens,
+                         seq_len=calibration_seq_len(model, config))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ...analysis.collect import CalibrationConfig
+from ...analysis.collect import SelectionConfig
 from ...errors import AttnshareError
 
 
 @dataclass
-class MixConfig(CalibrationConfig):
+class MixConfig(SelectionConfig):
     """Per-layer choice among keep, SA receiver and drop, by greedy selection on measured KL.
 
     Budget: ``--kv-saving F`` (an SA receiver saves 1/(2L) of the KV cache, a dropped layer 1/L) or

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ...analysis.collect import CalibrationConfig
+from ...analysis.collect import SelectionConfig
 from ...errors import AttnshareError
 from ...plan import check_layer_list
 
 
 @dataclass
-class SAConfig(CalibrationConfig):
+class SAConfig(SelectionConfig):
     """How SA chooses receivers and donors.
 
     Budget: ``--budget N`` asks the planner for N receiver layers (each saves its q/k projections and its K cache,
