@@ -26,6 +26,8 @@ from attnshare.methods.layerdrop import LayerDropConfig, LayerDropPlan
 from attnshare.methods.mix import MixConfig, MixPlan
 from attnshare.methods.mix.planner import plan_mix_curve
 from attnshare.methods.sa import SAPlan
+from attnshare.report import compare as compare_module
+from attnshare.report.compare import CompareConfig
 from attnshare.report.variants import kv_bytes_per_token
 from attnshare.training import TrainConfig, train_shared
 
@@ -150,6 +152,24 @@ def test_compare_cli_writes_equal_savings_tables_and_plots(tiny_folder, tmp_path
     md = (out / "compare.md").read_text()
     assert "At equal KV cache saved" in md and "At equal parameters saved" in md and "(baseline)" in md
     assert (out / "pareto-kv.png").stat().st_size > 0 and (out / "pareto-params.png").stat().st_size > 0
+
+
+def test_compare_does_not_measure_known_base_perplexities_again(tiny_folder, monkeypatch):  # noqa: F811
+    folder, text = tiny_folder
+    model, tokenizer = attnshare.load_model(str(folder))
+    measured = []
+    real = compare_module.perplexity
+
+    def counted(model, tokenizer, config, progress=False):
+        measured.append(config.text)
+        return real(model, tokenizer, config, progress=progress)
+
+    monkeypatch.setattr(compare_module, "perplexity", counted)
+    config = CompareConfig(kv_saving=[0.25], param_saving=[], methods=["drop"], texts=[str(text)], window=64,
+                           max_tokens=128, same_layers=False, calib_tokens=64, calib_seq_len=32, heldout_tokens=32)
+    base, (row,) = compare_module.compare(model, tokenizer, config, progress=False, base_ppl={str(text): 7.0})
+    assert measured == [str(text)]  # the drop row only: the base's perplexity was given
+    assert base.ppl == {str(text): 7.0} and row.ratio[str(text)] == pytest.approx(row.ppl[str(text)] / 7.0)
 
 
 @pytest.mark.parametrize("method", ["drop", "layerdrop"])

@@ -10,7 +10,8 @@ from test_cli import tiny_folder  # noqa: F401  (fixture)
 import attnshare.report.demo
 from attnshare.cli import main
 from attnshare.errors import AttnshareError
-from attnshare.report.demo import DemoConfig
+from attnshare.report.demo import DemoConfig, Report, write_report
+from attnshare.report.variants import Baseline, VariantRow
 
 
 def test_demo_writes_a_report_with_every_method(tiny_folder, tmp_path, monkeypatch, capsys):  # noqa: F811
@@ -43,6 +44,20 @@ def test_demo_writes_a_report_with_every_method(tiny_folder, tmp_path, monkeypat
         stale.write_text("{}")
     assert main(argv) == 0
     assert "cached artifact" not in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("items", [0, 16])
+def test_demo_report_shows_the_proxy_column_only_when_measured(items, tmp_path):
+    report = Report(DemoConfig(out=str(tmp_path), proxy_items=items))
+    proxies = {"next_sentence": 0.5} if items else {}
+    report.base = Baseline(20.0, 1000, 64.0, proxies)
+    report.variants.append(VariantRow("drop 1", "drop", "drop: 1 layer", 22.0, 1.1, 900, 0.1, 48.0, 0.25,
+                                      proxies=proxies))
+    text = write_report(report).read_text()
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(table) == 4 and all(line.count("|") == (9 if items else 8) for line in table)
+    assert ("next-sentence acc" in table[0]) == bool(items) and ("| 50.0% |" in table[3]) == bool(items)
+    assert ("±24 points" in text) == bool(items) and ("accuracy is off" in text) == (not items)
 
 
 def test_demo_refuses_bad_settings():

@@ -151,12 +151,18 @@ def same_layer_plans(plans: dict[tuple[str, float], Plan]) -> list[tuple[float, 
     return out
 
 
-def compare(model: nn.Module, tokenizer, config: CompareConfig, *, progress: bool = True) -> tuple[Base, list[Row]]:
-    """Plan every method at every target and measure every plan (and artifact) on every text."""
+def compare(model: nn.Module, tokenizer, config: CompareConfig, *, progress: bool = True,
+            base_ppl: dict[str, float] | None = None) -> tuple[Base, list[Row]]:
+    """Plan every method at every target and measure every plan (and artifact) on every text.
+
+    ``base_ppl`` holds the base model's perplexities already measured under this protocol (text -> ppl, e.g. by the
+    demo's first step); those texts are not measured again."""
     for name in config.methods:
         get_method(name)  # unknown names fail before any measurement
     ppl_configs = config.ppl_configs()
-    base = Base(measure_model(model, tokenizer, ppl_configs), model.num_parameters(), kv_bytes_per_token(model))
+    known = {t: p for t, p in (base_ppl or {}).items() if t in config.texts}
+    ppl = known | measure_model(model, tokenizer, [c for c in ppl_configs if c.text not in known])
+    base = Base({t: ppl[t] for t in config.texts}, model.num_parameters(), kv_bytes_per_token(model))
     log.info("base ppl %s", base.ppl)
     work = []  # (kind, target, method name, plan)
     for kind, targets in (("kv", config.kv_saving), ("params", config.param_saving)):

@@ -50,7 +50,9 @@ class DemoConfig:
         default=2048, metadata={"help": "perplexity tokens per variant and text (1024-token windows; RESULTS use 16k)"}
     )
     window: int = field(default=1024, metadata={"help": "perplexity window"})
-    proxy_items: int = field(default=16, metadata={"help": "next-sentence proxy items per variant (0 skips)"})
+    proxy_items: int = field(
+        default=0, metadata={"help": "next-sentence proxy items per variant (0 skips; each item costs about as much as "
+                                     "200 perplexity tokens, and 200 items are needed for a ±7-point interval)"})
     calib_tokens: int = field(default=1024, metadata={"help": "calibration tokens (plays) for analysis and planners"})
     heldout_tokens: int = field(default=256, metadata={"help": "held-out calibration tokens on which planners measure KL"})
     greedy_width: int = field(default=4, metadata={"help": "planners' lazy greedy: options measured per step (0: all)"})
@@ -73,6 +75,9 @@ class DemoConfig:
     bench_context: int = field(default=512, metadata={"help": "short benchmark: prompt tokens (batch 1)"})
     bench_long_batch: int = field(default=4, metadata={"help": "long benchmark: sequences (0 skips it)"})
     bench_long_context: int = field(default=1024, metadata={"help": "long benchmark: prompt tokens per sequence"})
+    bench_prefill_batch: int = field(
+        default=1, metadata={"help": "long benchmark: sequences actually prefilled, their cache tiled over the batch "
+                                     "for decode (0: the whole batch)"})
     bench_new_tokens: int = field(default=16, metadata={"help": "benchmark decode steps"})
     bench_repeats: int = field(default=1, metadata={"help": "benchmark repeats after one warm-up (medians)"})
 
@@ -83,8 +88,9 @@ class DemoConfig:
             raise AttnshareError("--kv-savings must be fractions in (0, 1).")
         if not 0 < self.lisa_fraction < 1 or not all(0 <= r < 1 for r in self.ds_ratios):
             raise AttnshareError("--lisa-fraction must lie in (0, 1) and --ds-ratios in [0, 1).")
-        if self.proxy_items < 0 or self.lisa_minutes <= 0 or self.bench_repeats < 1:
-            raise AttnshareError("--proxy-items must be >= 0, --lisa-minutes > 0 and --bench-repeats >= 1.")
+        if self.proxy_items < 0 or self.lisa_minutes <= 0 or self.bench_repeats < 1 or self.bench_prefill_batch < 0:
+            raise AttnshareError("--proxy-items and --bench-prefill-batch must be >= 0, --lisa-minutes > 0 and "
+                                 "--bench-repeats >= 1.")
         if self.ds_loss_tokens < 2 or self.greedy_width < 0:
             raise AttnshareError("--ds-loss-tokens must be at least 2 and --greedy-width zero or more.")
 
@@ -153,7 +159,7 @@ def step_equal_savings(report: Report, model, tokenizer) -> None:
     config = CompareConfig(kv_saving=list(cfg.kv_savings), param_saving=[], methods=list(cfg.compare_methods),
                            texts=[cfg.text, cfg.second_text], max_tokens=cfg.ppl_tokens, window=cfg.window,
                            **_planner_settings(cfg))
-    base, rows = compare(model, tokenizer, config, progress=False)
+    base, rows = compare(model, tokenizer, config, progress=False, base_ppl={cfg.text: report.base.ppl} if report.base else None)
     report.compare.append((base, rows, config))
     for row in rows:
         if row.kind != "kv":
@@ -163,7 +169,7 @@ def step_equal_savings(report: Report, model, tokenizer) -> None:
         report.variants.append(VariantRow(
             name=name, method=row.method, plan=row.plan, ppl=row.ppl[cfg.text], ppl_ratio=row.ratio[cfg.text],
             params=row.params, params_saved=row.params_saved, kv_per_token=row.kv_per_token, kv_saved=row.kv_saved,
-            notes=notes + " (no proxy: the equal-savings step scores perplexity only)"))
+            notes=notes + (" (no proxy: the equal-savings step scores perplexity only)" if cfg.proxy_items else "")))
         report.bench_variants.append((name, plans_from_json(row.plans)))
     report.section("Equal savings (untrained plans, two held-out texts)", markdown(base, rows, config))
 
@@ -234,14 +240,14 @@ def step_bench(report: Report, model, tokenizer) -> None:
         picked[name.split()[0]] = (name, what)
     for name, what in picked.values():
         variants.append(artifact_variant(model, what, name) if isinstance(what, Path) else plan_variant(model, what, name))
-    scenarios = [get_scenario("short", context=cfg.bench_context, new_tokens=cfg.bench_new_tokens)]
+    scenarios = [(get_scenario("short", context=cfg.bench_context, new_tokens=cfg.bench_new_tokens), 0)]
     if cfg.bench_long_batch:  # where KV reads rival weight reads, so cache savings can show in decode speed
-        scenarios.append(get_scenario("long", batch=cfg.bench_long_batch, context=cfg.bench_long_context,
-                                      new_tokens=cfg.bench_new_tokens))
+        scenarios.append((get_scenario("long", batch=cfg.bench_long_batch, context=cfg.bench_long_context,
+                                       new_tokens=cfg.bench_new_tokens), cfg.bench_prefill_batch))
     results = {}
-    for scenario in scenarios:
-        result = run_bench(variants, scenario, BenchConfig(repeats=cfg.bench_repeats, warmup=1, progress=False),
-                           command="attnshare demo")
+    for scenario, prefill_batch in scenarios:
+        config = BenchConfig(repeats=cfg.bench_repeats, warmup=1, progress=False, prefill_batch=prefill_batch)
+        result = run_bench(variants, scenario, config, command="attnshare demo")
         results[scenario.name] = result.to_dict()
         report.section(f"Speed and memory: {scenario.name} (batch {scenario.batch}, {scenario.context}-token "
                        f"prompt, {scenario.new_tokens} new tokens; same process, interleaved)", result.to_markdown())
@@ -290,22 +296,31 @@ def write_report(report: Report) -> Path:
                "timings_s": report.timings}
     (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [f"# attnshare demo report: `{cfg.model}`", ""]
+    proxy = cfg.proxy_items > 0
     if base:
         lines += [
             (f"Base model: perplexity **{base.ppl:.2f}** ({cfg.text}, first {cfg.ppl_tokens} tokens, {cfg.window}-token "
              f"windows; docs/RESULTS.md uses the full 16,384-token protocol), {base.params:,} parameters, "
-             f"{base.kv_per_token:,.0f} KV-cache bytes per token. Next-sentence accuracy: {cfg.proxy_items} items "
-             f"drawn from the same text (chance 25%; the 95% interval is about ±{_interval(cfg.proxy_items)} points)."),
+             f"{base.kv_per_token:,.0f} KV-cache bytes per token. " + (
+                 f"Next-sentence accuracy: {cfg.proxy_items} items drawn from the same text (chance 25%; the 95% "
+                 f"interval is about ±{_interval(cfg.proxy_items)} points)." if proxy else
+                 "Next-sentence accuracy is off (`--proxy-items N`): a 95% interval of ±7 points takes about 200 "
+                 "items, about 6 minutes per model on 2 CPU cores.")),
             "",
         ]
-    lines += [
-        "| variant | plan | ppl | × base | next-sentence acc | params saved | KV cache saved | notes |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    head = ["variant", "plan", "ppl", "× base", *(["next-sentence acc"] if proxy else []), "params saved",
+            "KV cache saved", "notes"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def line(name: str, plan: str, ppl: float, ratio: float, proxies: dict, params: float, kv: float, notes: str):
+        cells = [name, plan, f"{ppl:.2f}", f"{ratio:.3f}", *([_acc(proxies)] if proxy else []), f"{100 * params:.1f}%",
+                 f"{100 * kv:.1f}%", notes]
+        return "| " + " | ".join(cells) + " |"
+
     if base:
-        lines.append(f"| base | — | {base.ppl:.2f} | 1.000 | {_acc(base.proxies)} | 0.0% | 0.0% | |")
-    lines += [f"| {r.name} | {r.plan} | {r.ppl:.2f} | {r.ppl_ratio:.3f} | {_acc(r.proxies)} | "
-              f"{100 * r.params_saved:.1f}% | {100 * r.kv_saved:.1f}% | {r.notes} |" for r in report.variants]
+        lines.append(line("base", "—", base.ppl, 1.0, base.proxies, 0.0, 0.0, ""))
+    lines += [line(r.name, r.plan, r.ppl, r.ppl_ratio, r.proxies, r.params_saved, r.kv_saved, r.notes)
+              for r in report.variants]
     lines += ["", *report.sections, "", *(f"![{Path(i).stem}]({i})" for i in report.images), "",
               "Step timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report.timings.items()), ""]
     (out / "report.md").write_text("\n".join(lines))
