@@ -50,8 +50,15 @@ def pair_dims(frequencies: list[int], half: int) -> torch.Tensor:
 
 
 def centred(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """x (..., T, S) minus its P-weighted mean over each row; p (..., T, S) sums to 1 per row (0 where masked)."""
-    return x - (x * p).sum(-1, keepdim=True)
+    """x (n,T,S) minus its P-weighted mean over each row; p (T,S) sums to 1 per row (0 where masked)."""
+    mean = torch.einsum("nts,ts->nt", x, p)  # (n,T): one batched product, no x * p copy
+    return x - mean.unsqueeze(-1)
+
+
+def weighted_rows(x: torch.Tensor, p: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+    """x (n,T,S) centred under p (T,S) and scaled by ``root`` = sqrt(p) flattened (T*S,): (n, T*S), so that
+    ``y @ y.T`` is the P-weighted covariance sum of x's rows."""
+    return centred(x.float(), p).reshape(x.shape[0], -1).mul_(root)
 
 
 def frequency_shares(q: torch.Tensor, k: torch.Tensor, scaling: float, half: int) -> torch.Tensor:
@@ -76,28 +83,36 @@ class HeadFit:
         self.total = torch.zeros(heads, dtype=torch.float64)  # (H,) P-weighted variance of the target
 
     def add(self, z: torch.Tensor, shares: torch.Tensor, target: torch.Tensor, probs: torch.Tensor) -> None:
-        """z (1,H,T,S) finite donor scores, shares (H,F,T,S), target (1,H,T,S) finite, probs (1,H,T,S)."""
-        for out in range(self.heads):
+        """z (1,H,T,S) finite donor scores, shares (H,F,T,S), target (1,H,T,S) finite, probs (1,H,T,S).
+
+        Each block of the normal matrix is one product of centred rows scaled by sqrt(P) (no concatenated copy)."""
+        h = self.heads
+        for out in range(h):
             p = probs[0, out].float()  # (T,S), 0 where masked
-            x = centred(torch.cat([z[0], shares[out]]), p).reshape(self.heads + self.pairs, -1)  # (H+F, T*S)
-            t = centred(target[0, out], p).reshape(-1)  # (T*S,)
-            weighted = x * p.reshape(1, -1)
-            self.gram[out] += (weighted @ x.T).double()
-            self.cross[out] += (weighted @ t).double()
-            self.total[out] += (t * t * p.reshape(-1)).sum().double()
+            root = p.sqrt().reshape(-1)  # (T*S,)
+            yz = weighted_rows(z[0], p, root)  # (H, T*S)
+            ys = weighted_rows(shares[out], p, root)  # (F, T*S)
+            yt = weighted_rows(target[0, out : out + 1], p, root)[0]  # (T*S,)
+            zs = (yz @ ys.T).double()  # (H,F)
+            gram = self.gram[out]
+            gram[:h, :h] += (yz @ yz.T).double()
+            gram[:h, h:] += zs
+            gram[h:, :h] += zs.T
+            gram[h:, h:] += (ys @ ys.T).double()
+            self.cross[out] += torch.cat([yz @ yt, ys @ yt]).double()
+            self.total[out] += (yt @ yt).double()
 
     def solve(self, kept: list[int], prior: torch.Tensor, ridge: float = RIDGE) -> tuple[torch.Tensor, torch.Tensor]:
         """Mixing (H,H) (ridge towards ``prior``'s rows) and gains (H, len(kept)) of the ``kept`` frequencies."""
         cols = list(range(self.heads)) + [self.heads + f for f in kept]
         pull = torch.zeros(self.heads, len(cols), dtype=torch.float64)
         pull[:, : self.heads] = prior.double()
-        coef = []
-        for out in range(self.heads):
-            g = self.gram[out][cols][:, cols]
-            lam = ridge * g.diagonal().mean().clamp_min(1e-12)
-            eye = torch.eye(len(cols), dtype=torch.float64)
-            coef.append(torch.linalg.solve(g + lam * eye, self.cross[out][cols] + lam * pull[out]))
-        coef = torch.stack(coef).float()  # (H, H+kept)
+        gram = self.gram[:, cols][:, :, cols]  # (H,C,C)
+        lam = ridge * gram.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)  # (H,)
+        eye = torch.eye(len(cols), dtype=torch.float64)
+        rhs = self.cross[:, cols] + lam[:, None] * pull  # (H,C)
+        coef = torch.linalg.solve(gram + lam[:, None, None] * eye, rhs.unsqueeze(-1)).squeeze(-1)  # (H,C)
+        coef = coef.float()  # (H, H+kept)
         return coef[:, : self.heads], coef[:, self.heads :]
 
     def residual(self, kept: list[int], prior: torch.Tensor, ridge: float = RIDGE) -> float:
