@@ -21,7 +21,7 @@ def test_demo_writes_a_report_with_every_method(tiny_folder, tmp_path, monkeypat
     out = tmp_path / "report"
     argv = ["demo", "--model", str(folder), "--out", str(out), "--ppl-tokens", "128", "--window", "64",
             "--proxy-items", "8", "--calib-tokens", "64", "--heldout-tokens", "32", "--kv-savings", "0.25",
-            "--lisa-fraction", "0.5", "--lisa-minutes", "0.02", "--ds-ratios", "0.3", "--bench-context", "16", "--bench-long-batch", "2", "--bench-long-context", "24",
+            "--same-layers", "--lisa-fraction", "0.5", "--lisa-minutes", "0.02", "--ds-ratios", "0.3", "--bench-context", "16", "--bench-long-batch", "2", "--bench-long-context", "24",
             "--bench-new-tokens", "4", "--bench-repeats", "1"]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())

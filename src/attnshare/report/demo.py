@@ -66,12 +66,15 @@ class DemoConfig:
         metadata={"help": "methods of the equal-savings step (add mix for the mixed planner; it costs minutes)"},
     )
     second_text: str = field(default="pyref", metadata={"help": "second held-out text of the equal-savings table"})
+    same_layers: bool = field(
+        default=False, metadata={"help": "equal-savings step: also drop the attention of SA's receiver layers (the "
+                                         "papers' comparison, not at equal savings; `attnshare compare` does it)"})
     lisa_fraction: float = field(default=0.53, metadata={"help": "fraction of layers that become LiSA layers"})
     lisa_minutes: float = field(
         default=1.0, metadata={"help": "LiSA training budget; the trained artifact is cached and reused by later runs"}
     )
     ds_ratios: list[float] = field(default_factory=lambda: [0.1], metadata={"help": "DirectShare ratios"})
-    ds_loss_tokens: int = field(default=128, metadata={"help": "DirectShare: held-out tokens its unit choice is measured on"})
+    ds_loss_tokens: int = field(default=64, metadata={"help": "DirectShare: held-out tokens its unit choice is measured on"})
     bench_context: int = field(default=512, metadata={"help": "short benchmark: prompt tokens (batch 1)"})
     bench_long_batch: int = field(default=4, metadata={"help": "long benchmark: sequences (0 skips it)"})
     bench_long_context: int = field(default=1024, metadata={"help": "long benchmark: prompt tokens per sequence"})
@@ -158,6 +161,7 @@ def step_equal_savings(report: Report, model, tokenizer) -> None:
     cfg = report.config
     config = CompareConfig(kv_saving=list(cfg.kv_savings), param_saving=[], methods=list(cfg.compare_methods),
                            texts=[cfg.text, cfg.second_text], max_tokens=cfg.ppl_tokens, window=cfg.window,
+                           same_layers=cfg.same_layers,
                            **_planner_settings(cfg))
     base, rows = compare(model, tokenizer, config, progress=False, base_ppl={cfg.text: report.base.ppl} if report.base else None)
     report.compare.append((base, rows, config))
