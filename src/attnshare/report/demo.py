@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class DemoConfig:
-    """What the demo runs (defaults: 8 minutes on a 2-core AVX512 box, 12.5 on a 2.0 GHz Zen 1, assets cached;
+    """What the demo runs (defaults: 9.2 minutes on a 2-core 2.0 GHz Zen 1 box with the assets cached;
     docs/RESULTS.md, "Demo")."""
 
     model: str = field(default="smollm2-135m", metadata={"help": "embedded name, folder or cached HF id"})
