@@ -65,3 +65,5 @@ def test_demo_refuses_bad_settings():
         DemoConfig(lisa_fraction=1.5)
     with pytest.raises(AttnshareError, match="ppl-tokens"):
         DemoConfig(ppl_tokens=10, window=64)
+    with pytest.raises(AttnshareError, match="must divide --bench-long-batch 4"):
+        DemoConfig(bench_prefill_batch=3)

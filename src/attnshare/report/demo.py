@@ -94,6 +94,9 @@ class DemoConfig:
         if self.proxy_items < 0 or self.lisa_minutes <= 0 or self.bench_repeats < 1 or self.bench_prefill_batch < 0:
             raise AttnshareError("--proxy-items and --bench-prefill-batch must be >= 0, --lisa-minutes > 0 and "
                                  "--bench-repeats >= 1.")
+        if self.bench_long_batch and self.bench_prefill_batch and self.bench_long_batch % self.bench_prefill_batch:
+            raise AttnshareError(f"--bench-prefill-batch {self.bench_prefill_batch} must divide --bench-long-batch "
+                                 f"{self.bench_long_batch} (the prefilled cache is tiled over the batch).")
         if self.ds_loss_tokens < 2 or self.greedy_width < 0:
             raise AttnshareError("--ds-loss-tokens must be at least 2 and --greedy-width zero or more.")
 
