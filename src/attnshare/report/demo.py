@@ -166,7 +166,8 @@ def step_equal_savings(report: Report, model, tokenizer) -> None:
                            texts=[cfg.text, cfg.second_text], max_tokens=cfg.ppl_tokens, window=cfg.window,
                            same_layers=cfg.same_layers,
                            **_planner_settings(cfg))
-    base, rows = compare(model, tokenizer, config, progress=False, base_ppl={cfg.text: report.base.ppl} if report.base else None)
+    known = {cfg.text: report.base.ppl} if report.base else None  # the base step measured the main text already
+    base, rows = compare(model, tokenizer, config, progress=False, base_ppl=known)
     report.compare.append((base, rows, config))
     for row in rows:
         if row.kind != "kv":
