@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_worker, tiny_model
+from conftest import ROOT, run_worker, tiny_model
 from safetensors.torch import load_file
 
 from attnshare.config import add_dataclass_args, dataclass_from_args
@@ -29,7 +29,6 @@ from attnshare.training import (
     train,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
 ATTN = lambda name, param: "self_attn" in name
 
 
