@@ -74,6 +74,28 @@ def test_train_cli_distils_lisa_on_teacher_samples(tiny_folder, tmp_path, monkey
     assert len(list((tmp_path / "cache" / "samples").glob("*.safetensors"))) == 1  # 4 blocks of 16, drawn once
 
 
+def test_no_progress_hides_every_bar_of_the_command(tiny_folder, tmp_path, capsys, monkeypatch):
+    """``--no-progress`` reaches the planner too (its calibration, sensitivity and fit bars), and transformers'
+    weight-loading bar: nothing of a bar on stderr. Without it the planner's bars show."""
+    from transformers.utils import logging as hf_logging
+
+    from attnshare import progress
+
+    monkeypatch.setitem(progress._SHOWN, "bars", True)  # the switch is process-wide: leave it as found
+    folder, text = tiny_folder
+    base = ["apply", "--model", str(folder), "--method", "lisa", "--fraction", "0.5", "--calib-text", str(text),
+            "--calib-tokens", "128", "--calib-seq-len", "32", "--heldout-tokens", "64"]
+    try:
+        capsys.readouterr()
+        assert main([*base, "--no-progress", "--out", str(tmp_path / "quiet")]) == 0
+        assert "%|" not in capsys.readouterr().err  # a tqdm bar's percentage and frame
+        assert main([*base, "--out", str(tmp_path / "shown")]) == 0
+        shown = capsys.readouterr().err
+        assert "LiSA fit" in shown and "%|" in shown
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def test_every_command_prints_its_help(capsys):
     """`attnshare <command> --help` works for every command: each flag's help is an argparse format string, so a
     stray percent sign in a config field's help would break it."""

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..arch import decoder_layers, geometry
 from ..errors import AttnshareError
 from ..evaluate.perplexity import ppl_from_nll
 from ..hf_compat import decoder_layer_output
 from ..plan import UNCHANGED, Plan
+from ..progress import progress_bar
 from ..sharing.apply import apply, unapply
 from .collect import (
     PRECISIONS,
@@ -290,17 +290,17 @@ def greedy_select(measure: Callable[[list], Divergence], candidates: list, count
     :class:`Step` per size 1..count, so the selections for smaller counts are prefixes of the largest one.
     """
     valid = valid or (lambda chosen: [c for c in candidates if c not in chosen])
-    single = {c: (screen or measure)([c]) for c in tqdm(candidates, desc=f"{desc}: single", unit="candidate",
-                                                         disable=not progress, leave=False)}
+    single = {c: (screen or measure)([c])
+              for c in progress_bar(candidates, desc=f"{desc}: single", unit="candidate", show=progress, leave=False)}
     keep = sorted(candidates, key=lambda c: (single[c].kl, c))[:max(shortlist or count + 8, count)]
     if screen:
-        single = {c: measure([c]) for c in tqdm(keep, desc=f"{desc}: shortlist", unit="candidate",
-                                                 disable=not progress, leave=False)}
+        single = {c: measure([c]) for c in progress_bar(keep, desc=f"{desc}: shortlist", unit="candidate",
+                                                         show=progress, leave=False)}
         keep.sort(key=lambda c: (single[c].kl, c))
     last = {c: single[c].kl for c in keep}  # each option's KL when it was last measured
     best = keep[0]
     steps = [Step([best], single[best])]
-    bar = tqdm(total=count - 1, desc=desc, unit="step", disable=not progress or count < 2, leave=False)
+    bar = progress_bar(total=count - 1, desc=desc, unit="step", show=progress and count >= 2, leave=False)
     while len(steps) < count:
         chosen = steps[-1].chosen
         options = sorted((c for c in valid(chosen) if c in keep), key=lambda c: (last[c], c))

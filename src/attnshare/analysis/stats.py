@@ -131,7 +131,7 @@ class AttentionStats:
 def collect_stats(model, blocks: torch.Tensor, *, head_pairs: list[Pair] = (), layer_pairs: bool = True,
                   skip: int = 16, batch_size: int = 1, progress: bool = False) -> AttentionStats:
     """Stream calibration ``blocks`` (N, T) through ``model`` one batch at a time and accumulate the statistics."""
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     geo = geometry(model)
     if not 0 <= skip < blocks.shape[1] - 1:
@@ -145,7 +145,7 @@ def collect_stats(model, blocks: torch.Tensor, *, head_pairs: list[Pair] = (), l
     batches = range(0, blocks.shape[0], batch_size)
     stack = decoder_stack(model)  # the LM head computes nothing the statistics read
     with record_attention(model, stats.add, needed), torch.inference_mode():
-        for start in tqdm(batches, desc="attention statistics", unit="batch", disable=not progress, leave=False):
+        for start in progress_bar(batches, desc="attention statistics", unit="batch", show=progress, leave=False):
             stack(blocks[start : start + batch_size].to(device), use_cache=False)
             stats.end_batch()
     return stats

@@ -32,12 +32,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..api import apply, load, read_artifact
 from ..errors import AttnshareError
 from ..hf_compat import extend_cache, new_cache, new_static_cache, reset_cache, tile_cache, with_cache
 from ..memory import cache_bytes, parameter_bytes
+from ..progress import progress_bar
 from ..sharing.apply import compile_fast_path, fast_path_restored, use_fast_path
 from . import bytemodel
 from .bytemodel import ModelCosts
@@ -461,7 +461,7 @@ def run_bench(variants: list[Variant], scenario: Scenario, config: BenchConfig |
         reference = variants[0].build
         variants = [*variants, Variant(f"{variants[0].name} (eager)", lambda: copy.deepcopy(reference()), eager=True)]
     models = []
-    for v in tqdm(variants, desc="build variants", disable=not config.progress):
+    for v in progress_bar(variants, desc="build variants", show=config.progress):
         models.append(v.build().to(device).eval())
     positions = getattr(models[0].config, "max_position_embeddings", None)
     total = scenario.context + scenario.new_tokens
@@ -488,8 +488,8 @@ def run_bench(variants: list[Variant], scenario: Scenario, config: BenchConfig |
         samples: list[list[Sample]] = [[] for _ in models]
         kv = [0] * n
         firsts: list[Sample | None] = [None] * n  # each variant's first run (where a compiled one compiles)
-        bar = tqdm(total=config.warmup * n * (1 + warm_new) + config.repeats * n * (1 + scenario.new_tokens),
-                   desc=f"bench {scenario.name}", unit="call", disable=not config.progress)
+        bar = progress_bar(total=config.warmup * n * (1 + warm_new) + config.repeats * n * (1 + scenario.new_tokens),
+                           desc=f"bench {scenario.name}", unit="call", show=config.progress)
         for rep in range(config.warmup + config.repeats):
             warm = rep < config.warmup
             order = [(j + rep) % n for j in range(n)]  # rotate the order every repeat

@@ -69,17 +69,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in COMMANDS.items():
         importlib.import_module(module).add_parser(sub, name)
+    for command in sub.choices.values():  # every command takes it; train's and bench's configs read it too
+        if "--progress" not in command._option_string_actions:
+            command.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                                 help="show progress bars (default: True)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from ..errors import AttnshareError
+    from ..progress import show_progress
 
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a flag argparse refused (2, message already printed)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    progress = getattr(args, "progress", True)
+    show_progress(progress)  # --no-progress: no bar anywhere in the process, transformers' included
+    if not progress:
+        from ..hf_compat import hide_hf_progress_bars
+
+        hide_hf_progress_bars()
     if getattr(args, "keep_freed_memory", True):
         from ..allocator import keep_freed_memory
 

@@ -27,7 +27,6 @@ def add_parser(sub, name: str) -> None:
     add_dataclass_args(p, AnalyzeConfig)
     p.add_argument("--out", required=True, help="folder for analysis.json, analysis.safetensors and the PNGs")
     p.add_argument("--no-plots", action="store_true", help="write only the raw numbers")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(run=run)
 
 
@@ -40,7 +39,7 @@ def run(args) -> int:
     if not args.no_plots:
         require("matplotlib", "plot")
     model, tokenizer = load_from_args(args)
-    result = analyze(model, config, tokenizer=tokenizer, progress=not args.no_progress)
+    result = analyze(model, config, tokenizer=tokenizer, progress=args.progress)
     paths = result.save(args.out, plots=not args.no_plots)
     rows = []
     numbers = result.to_dict()

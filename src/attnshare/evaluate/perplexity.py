@@ -7,10 +7,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..data import load_text, token_blocks, tokenize_text
 from ..errors import AttnshareError
+from ..progress import progress_bar
 
 
 @dataclass
@@ -46,7 +46,7 @@ def window_nll(model, blocks: torch.Tensor, batch_size: int, progress: bool = Tr
     total, count = 0.0, 0
     batches = range(0, blocks.shape[0], batch_size)
     with torch.inference_mode():
-        for start in tqdm(batches, desc="perplexity", unit="batch", disable=not progress, leave=False):
+        for start in progress_bar(batches, desc="perplexity", unit="batch", show=progress, leave=False):
             ids = blocks[start : start + batch_size].to(device)  # (b, T)
             logits = model(ids, use_cache=False).logits[:, :-1].float()  # (b, T-1, V)
             nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..errors import AttnshareError
 from ..hf_compat import output_cache, tile_cache, with_cache
+from ..progress import progress_bar
 
 NUM_CHOICES = 4
 CONTEXT_SENTENCES = 2  # sentences of context before a next-sentence item (measured: 1 -> 52.5%, 2 -> 59.0% on SmolLM2)
@@ -155,7 +155,8 @@ def continuation_scores(model, requests: Sequence[tuple[list[int], list[int]]], 
     order = sorted(range(len(seqs)), key=lambda k: -len(seqs[k]))
     out: list[tuple[float, bool]] = [(0.0, False)] * len(seqs)
     with torch.inference_mode():
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+        batches = range(0, len(order), batch_size)
+        for start in progress_bar(batches, desc=desc, unit="batch", show=progress, leave=False):
             batch = order[start : start + batch_size]
             width = len(seqs[batch[0]])
             ids = torch.zeros(len(batch), width, dtype=torch.long)  # (b, T), right-padded
@@ -225,7 +226,7 @@ def score_next_sentence(model, tokenizer, items: Sequence[ChoiceItem], batch_siz
     choices = sorted({c for item in items for c in item.choices})
     cond = [shared_prefix_scores(model, _encode(tokenizer, item.context, True),
                                  [_encode(tokenizer, " " + c, False) for c in item.choices])
-            for item in tqdm(items, desc="next_sentence p(c|ctx)", unit="item", disable=not progress, leave=False)]
+            for item in progress_bar(items, desc="next_sentence p(c|ctx)", unit="item", show=progress, leave=False)]
     unconditional = [(empty, _encode(tokenizer, " " + c, False)) for c in choices]  # each distinct candidate once
     prior = dict(zip(choices, (s for s, _ in continuation_scores(model, unconditional, batch_size * NUM_CHOICES,
                                                                     progress, "next_sentence p(c)"))))

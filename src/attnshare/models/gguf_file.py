@@ -465,7 +465,7 @@ def _first_line(e: Exception) -> str:
 
 def _progress(total: int, desc: str, *, unit: str, big: int, size: int | None = None):
     """A tqdm bar, shown only for work on a file of at least ``big`` bytes (``size``, else ``total``)."""
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     shown = (size if size is not None else total) >= big
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", disable=not shown, leave=False)
+    return progress_bar(total=total, desc=desc, unit=unit, unit_scale=unit == "B", show=shown, leave=False)

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..api import applied_plans, apply, load
 from ..errors import AttnshareError
@@ -28,6 +27,7 @@ from ..methods.drop import DropPlan
 from ..methods.sa import SAPlan
 from ..paths import write_folder
 from ..plan import Plan
+from ..progress import progress_bar
 from ..sharing.registry import get_method
 from .plots import Point, pareto_plot
 from .variants import kv_bytes_per_token
@@ -166,14 +166,14 @@ def compare(model: nn.Module, tokenizer, config: CompareConfig, *, progress: boo
     log.info("base ppl %s", base.ppl)
     work = []  # (kind, target, method name, plan)
     for kind, targets in (("kv", config.kv_saving), ("params", config.param_saving)):
-        for name in tqdm(config.methods if targets else [], desc=f"planning at equal {KINDS[kind]}", unit="method",
-                         disable=not progress):
+        for name in progress_bar(config.methods if targets else [], desc=f"planning at equal {KINDS[kind]}",
+                                 unit="method", show=progress):
             work += [(kind, f, name, plan) for f, plan in planned(model, name, kind, targets, config.planner_settings())]
     sa_plans = {(kind, f): plan for kind, f, name, plan in work if name == "sa"}
     if config.same_layers:
         work += [("same layers", f, "drop", plan) for f, plan in same_layer_plans(sa_plans)]
     rows = []
-    for kind, target, name, plan in tqdm(work, desc="measuring plans", unit="plan", disable=not progress):
+    for kind, target, name, plan in progress_bar(work, desc="measuring plans", unit="plan", show=progress):
         rows.append(measure_plan(model, tokenizer, plan, ppl_configs, base, kind=kind, target=target, method=name,
                                  baseline=get_method(name).baseline))
         if kind == "same layers":

@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ..analysis.analyze import AnalyzeConfig, analyze
 from ..analysis.report import save_analysis
@@ -28,6 +27,7 @@ from ..evaluate.perplexity import PerplexityConfig
 from ..evaluate.proxies import make_proxy_items
 from ..models.loading import model_identity
 from ..paths import cache_dir
+from ..progress import progress_bar
 from ..sharing.registry import get_method, plans_from_json
 from ..training import TrainConfig
 from ..version import __version__
@@ -289,7 +289,7 @@ def run_demo(config: DemoConfig) -> Report:
     report = Report(config)
     report.out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(config.model)
-    for name, step in tqdm(STEPS, desc="demo", unit="step"):
+    for name, step in progress_bar(STEPS, desc="demo", unit="step"):
         start = time.perf_counter()
         step(report, model, tokenizer)
         report.timings[name] = time.perf_counter() - start

@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from ..data import load_text, token_blocks, tokenize_text
 from ..errors import AttnshareError
+from ..progress import progress_bar
 from .losses import Objective
 from .samples import TEACHER_TEXT, teacher_samples
 
@@ -437,9 +437,9 @@ def _run(wrapped, model, objective, teacher, optimizer, names, blocks, config, a
         log.info("Resumed from %s at step %d", folder, start_step)
 
     params = [p for n, p in model.named_parameters() if n in set(names)]
-    bar = tqdm(
+    bar = progress_bar(
         total=config.max_steps, initial=start_step, desc="train", unit="step",
-        disable=not (config.progress and accelerator.is_main_process),
+        show=config.progress and accelerator.is_main_process,
     )
     start_time, stopped, metrics = time.perf_counter(), "max_steps", {}
     progress = resumed_at if by_time else None  # share of the time schedule reached, agreed by every process

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from ..errors import AttnshareError
 from ..hf_compat import new_cache, with_cache
 from ..models.loading import model_identity
 from ..paths import cache_dir, write_file
+from ..progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def teacher_samples(teacher, tokenizer, tokens: int, length: int, seed: int = 0,
     was_training = teacher.training
     teacher.eval()
     try:
-        with tqdm(total=rows * (length - 1), desc="teacher samples", unit="tok", disable=not progress) as bar:
+        with progress_bar(total=rows * (length - 1), desc="teacher samples", unit="tok", show=progress) as bar:
             ids = torch.cat([sample_rows(teacher, start, min(batch, rows - i), length, generator, bar)
                              for i in range(0, rows, batch)])  # (rows, length)
     finally:

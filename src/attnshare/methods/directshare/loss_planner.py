@@ -28,10 +28,10 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ...analysis.weights import projection_weight, same_kind_earlier, unit_cols, unit_rows, unit_vectors, units
 from ...arch import ArchSpec, arch_of, attention, geometry
+from ...progress import progress_bar
 from ..sa.planner import PlanProbe
 from .config import DirectShareConfig
 from .plan import (
@@ -215,8 +215,8 @@ def local_changes(model: nn.Module, inputs: dict[int, tuple[tuple, dict]], candi
     num_units = part.units(geo)
     norms = norms if num_units == 1 else "own"
     out: dict[Unit, dict[Unit, float]] = {unit: {} for unit in candidates}
-    bar = tqdm(total=sum(len(c) for c in candidates.values()), desc=f"DirectShare donors (local, {part.name})",
-               unit="pair", disable=not progress, leave=False)
+    bar = progress_bar(total=sum(len(c) for c in candidates.values()), desc=f"DirectShare donors (local, {part.name})",
+                       unit="pair", show=progress, leave=False)
     heads: list[torch.Tensor] = []  # o_proj's input (N, T, H*d) of the last call
     with torch.no_grad():
         for layer in sorted({layer for layer, _ in candidates}):
@@ -302,7 +302,7 @@ class UnitCosts:
 
     def _single_unit(self) -> dict[Key, float]:
         keys = [(part.name, *unit) for part in self.parts for unit in sorted(self.order[part.name])]
-        bar = tqdm(keys, desc="DirectShare units (KL)", unit="unit", disable=not self.progress, leave=False)
+        bar = progress_bar(keys, desc="DirectShare units (KL)", unit="unit", show=self.progress, leave=False)
         return {key: self.probe.measure(self.plan([key])).kl for key in bar}
 
     def size(self, key: Key) -> int:
@@ -318,8 +318,8 @@ class UnitCosts:
         counts = {budget // self.size(ranked[0]): budget for budget in budgets} if ranked else {0: 0}
         chosen: list[Key] = []
         out = {budget: [] for count, budget in counts.items() if not count}
-        steps = tqdm(range(max(counts)), desc="DirectShare greedy selection", unit="unit",
-                     disable=not self.progress, leave=False)
+        steps = progress_bar(range(max(counts)), desc="DirectShare greedy selection", unit="unit",
+                             show=self.progress, leave=False)
         for _ in steps:
             options = [key for key in ranked if key not in chosen][:window]
             trials = {key: self.probe.measure(self.plan([*chosen, key])).kl for key in options}

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ...analysis.collect import calibration_blocks
 from ...arch import NORM_NAMES, ArchSpec, Geometry, arch_of, attention, geometry
 from ...attention.functional import repeat_kv
+from ...progress import progress_bar
 from .kernels import fill_masked
 from .modules import mix_heads, permutation_matrix
 from .plan import LayerFit
@@ -218,7 +218,7 @@ def fit_layers(model: nn.Module, layers: list[int], head_map: dict[int, list[int
     rms = {layer: (torch.zeros(h), torch.zeros(hkv)) for layer in layers}
     scaling: dict[int, float] = {}
     pairs: dict[int, int] = {}
-    for block in tqdm(blocks, desc="LiSA fit: record", unit="block", disable=not progress):
+    for block in progress_bar(blocks, desc="LiSA fit: record", unit="block", show=progress):
         with torch.no_grad(), recording(model, need) as (maps, inputs):
             model.get_decoder()(input_ids=block.unsqueeze(0).to(device), use_cache=False)
         for layer in need:
@@ -236,7 +236,7 @@ def fit_layers(model: nn.Module, layers: list[int], head_map: dict[int, list[int
     count = blocks.numel()
     out: dict[int, LayerFit] = {}
     student: dict[int, list[torch.Tensor]] = {}  # fitted scores of LiSA layers a later LiSA layer reads
-    for layer in tqdm(sorted(layers), desc="LiSA fit: layers", unit="layer", disable=not progress):
+    for layer in progress_bar(sorted(layers), desc="LiSA fit: layers", unit="layer", show=progress):
         donors = student.pop(layer - 1, None) or [r.scores for r in recorded[layer - 1]]
         fit = HeadFit(h, pairs[layer])
         for z, r in zip(donors, recorded[layer], strict=True):

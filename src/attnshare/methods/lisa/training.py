@@ -138,14 +138,14 @@ def layer_local_fit(model: nn.Module, teacher: nn.Module, layers: list[int], blo
     """
     import time
 
-    from tqdm.auto import tqdm
+    from ...progress import progress_bar
 
     params = [p for n, p in model.named_parameters() if ".lisa_" in n]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     need = sorted(set(layers) | {layer - 1 for layer in layers})
     device = next(teacher.parameters()).device
     start, losses = time.perf_counter(), []
-    bar = tqdm(range(steps), desc="lisa local", unit="step", disable=not config.progress)
+    bar = progress_bar(range(steps), desc="lisa local", unit="step", show=config.progress)
     for step in bar:
         if step % repeats == 0:
             batch = batch_indices(blocks.shape[0], step // repeats, 0, 0, 1, config.batch_size, 1, config.seed + 1)

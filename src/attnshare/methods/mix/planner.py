@@ -13,12 +13,12 @@ import math
 from collections.abc import Callable
 
 from torch import nn
-from tqdm.auto import tqdm
 
 from ...analysis.sensitivity import Divergence
 from ...arch import attention_parameters, geometry, qk_parameters
 from ...errors import AttnshareError
 from ...plan import units_for
+from ...progress import progress_bar
 from ..sa.plan import nearest_donors
 from ..sa.planner import PlanProbe
 from .config import MixConfig
@@ -88,8 +88,8 @@ def plan_mix_curve(model: nn.Module, config: MixConfig, targets: list[float], *,
         return probe.measure(plan, screen=True) if probe.screen else measure(plan)
 
     single = {(layer, a): first(make({layer: a})) for a in ACTIONS
-              for layer in tqdm(candidates[a], desc=f"mix single-layer {a}", unit="layer", disable=not progress,
-                                leave=False)}
+              for layer in progress_bar(candidates[a], desc=f"mix single-layer {a}", unit="layer", show=progress,
+                                        leave=False)}
     needed = math.ceil(max(targets) / min(gain(layer, "sa") for layer in candidates["sa"]))
     keep = config.shortlist or needed + 8
     layers = {a: sorted(candidates[a], key=lambda layer: (single[(layer, a)].kl, layer))[:keep] for a in ACTIONS}
@@ -126,8 +126,8 @@ def greedy_path(measure: Callable[[MixPlan], Divergence], make: Callable[[Assign
     def added(layer: int, action: str) -> float:  # saving a move adds to the current assignment
         return gain(layer, action) - (gain(layer, "sa") if assign.get(layer) == "sa" else 0)
 
-    for target in tqdm(targets, desc=f"mix greedy {'+'.join(actions)}", unit="budget", disable=not progress,
-                       leave=False):
+    for target in progress_bar(targets, desc=f"mix greedy {'+'.join(actions)}", unit="budget", show=progress,
+                               leave=False):
         while saving() < target - 1e-9:
             options = moves(assign, allowed)
             fitting = [m for m in options if added(*m) <= target - saving() + 1e-9] or options

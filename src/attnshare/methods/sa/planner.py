@@ -11,7 +11,6 @@ import logging
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ...analysis.heads import head_similarity
 from ...analysis.metrics import best_permutation
@@ -20,6 +19,7 @@ from ...analysis.stats import Pair
 from ...arch import geometry
 from ...errors import AttnshareError
 from ...plan import units_for
+from ...progress import progress_bar
 from .config import SAConfig
 from .plan import SAPlan, nearest_donors
 
@@ -85,7 +85,7 @@ class PlanProbe(Probe):
         if aligned:  # all head maps in one calibration pass
             self.head_maps({r: d for r in layers for d in nearest_donors([r], self.geo).values()})
         return {layer: self.measure(self.sa_plan([layer], aligned))
-                for layer in tqdm(layers, desc=desc, unit="layer", disable=not self.progress, leave=False)}
+                for layer in progress_bar(layers, desc=desc, unit="layer", show=self.progress, leave=False)}
 
 
 def sa_budget(config: SAConfig, num_layers: int) -> int:
