@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # Lowest first. A module belongs to the layer of the longest prefix that names it.
 LAYERS: list[list[str]] = [
     ["attnshare.errors", "attnshare.paths", "attnshare.version", "attnshare.hf_compat", "attnshare.config",
-     "attnshare.memory", "attnshare.allocator"],
+     "attnshare.memory", "attnshare.allocator", "attnshare.progress"],
     ["attnshare.arch", "attnshare.plan"],
     ["attnshare.attention"],
     ["attnshare.data", "attnshare.models"],
