@@ -82,10 +82,6 @@ def warn_if_untested() -> None:
                     ", ".join(outside))
 
 
-# ---- the cache keyword -----------------------------------------------------------------------------------------
-
-
-@functools.cache
 def hide_hf_progress_bars() -> None:
     """Turn off transformers' own progress bars (weight loading) for this process."""
     from transformers.utils import logging as hf_logging
@@ -93,6 +89,10 @@ def hide_hf_progress_bars() -> None:
     hf_logging.disable_progress_bar()
 
 
+# ---- the cache keyword -----------------------------------------------------------------------------------------
+
+
+@functools.cache
 def _forward_cache_name(forward: Callable) -> str:
     params = inspect.signature(forward).parameters  # follows the 5.24 deprecation wrapper (functools.wraps)
     return "cache" if "cache" in params else "past_key_values"
